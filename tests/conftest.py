@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -34,3 +36,40 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"evaluation data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+RunAligned = Callable[..., list[dict[str, Any]]]
+
+
+@pytest.fixture
+def run_aligned() -> RunAligned:
+    """Runs the real ``aligned`` stage (stage 2) through the runner on any backend block.
+    Stage 1 is stood in for by prompt records, marked complete under the fingerprint the
+    runner computes. Returns the prompt records."""
+    from selfalign.backends import BackendConfig
+    from selfalign.config import RunConfig
+    from selfalign.pipeline import Manifest, Runner
+    from selfalign.stages.aligned import AlignedConfig
+    from selfalign.stages.prompts import PromptsConfig
+    from selfalign.store import JsonlLog, record_id
+
+    def run(
+        block: BackendConfig, model: Path, run_dir: Path, questions: list[str], **settings: Any
+    ) -> list[dict[str, Any]]:
+        run = RunConfig(model=str(model), backend=block)
+        stages = {"prompts": PromptsConfig(), "aligned": AlignedConfig(**settings)}
+        plan = Runner(run, stages, run_dir, run_dir).plan()
+        prompts = [
+            {"id": record_id("prompt", q), "instruction": q, "input": "", "source": "self_instruct"}
+            for q in questions
+        ]
+        JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
+        fingerprint = next(i.fingerprint for i in plan if i.stage.name == "prompts")
+        Manifest(run_dir).update(
+            "prompts", status="complete", fingerprint=fingerprint, counts={"out": len(prompts)}
+        )
+        runner = Runner(run, stages, run_dir, run_dir / "config.yaml")
+        runner.execute(runner.plan())
+        return prompts
+
+    return run

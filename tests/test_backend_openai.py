@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import RunAligned
 from selfalign import pipeline
 from selfalign.backends import (
     Backend,
@@ -23,7 +24,7 @@ from selfalign.backends import (
 from selfalign.backends.hf import HFBackend
 from selfalign.config import RunConfig, StageConfig
 from selfalign.errors import InputError
-from selfalign.pipeline import Batch, Manifest, Runner, Stage, StageContext, StageIncomplete
+from selfalign.pipeline import Batch, Runner, Stage, StageContext, StageIncomplete
 from selfalign.store import JsonlLog, record_id
 
 pytest.importorskip("fastapi", reason="the test server needs the dev extra (fastapi)")
@@ -392,14 +393,10 @@ def run_stage(
 
 
 def test_stage_2_of_200_under_20pct_faults_through_the_runner(
-    varied_tiny_model: Path, tmp_path: Path
+    varied_tiny_model: Path, tmp_path: Path, run_aligned: RunAligned
 ) -> None:
     """The real ``aligned`` stage on the openai backend: only the backend block changes
-    (plus ``tokenizer``, as stage 2 biases "Sorry" by text). Stage 1 is stood in for by
-    200 prompt records, marked complete under the fingerprint the runner computes."""
-    from selfalign.stages.aligned import AlignedConfig
-    from selfalign.stages.prompts import PromptsConfig
-
+    (plus ``tokenizer``, as stage 2 biases "Sorry" by text)."""
     run_dir = tmp_path / "run"
     faults = FaultSchedule.uniform(FAULTS, seed=2, slow_s=2.5, retry_after_s=0.05)
     with serve(varied_tiny_model, faults=faults, api_key=KEY) as flaky:
@@ -407,27 +404,9 @@ def test_stage_2_of_200_under_20pct_faults_through_the_runner(
             model=flaky.spec(), api_key_env=ENV, tokenizer=str(varied_tiny_model),
             timeout_s=2.0, max_retries=10, max_concurrency=8, retry_backoff_s=0.01,
         )  # fmt: skip
-        run = RunConfig(model=str(varied_tiny_model), backend=block)
-        stages = {
-            "prompts": PromptsConfig(),
-            "aligned": AlignedConfig(max_new_tokens=4, chunk_size=50),
-        }
-        fingerprint = {
-            i.stage.name: i.fingerprint for i in Runner(run, stages, run_dir, run_dir).plan()
-        }
-        prompts = [
-            {"id": record_id("prompt", q), "instruction": q, "input": "", "source": "self_instruct"}
-            for q in questions(N_STAGE)
-        ]
-        JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
-        Manifest(run_dir).update(
-            "prompts",
-            status="complete",
-            fingerprint=fingerprint["prompts"],
-            counts={"out": N_STAGE},
+        prompts = run_aligned(
+            block, varied_tiny_model, run_dir, questions(N_STAGE), max_new_tokens=4, chunk_size=50
         )
-        runner = Runner(run, stages, run_dir, run_dir / "config.yaml")
-        runner.execute(runner.plan())
     kept = JsonlLog(run_dir / "aligned" / "records.jsonl").read()
     dropped = JsonlLog(run_dir / "aligned" / "dropped.jsonl").read()
     ids = [r["id"] for r in kept + dropped]

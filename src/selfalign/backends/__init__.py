@@ -74,5 +74,6 @@ def load_backend(config: BackendConfig | str, base_dir: Path | None = None) -> B
             gpu_memory_utilization=config.gpu_memory_utilization,
             max_model_len=config.max_model_len,
             enable_prefix_caching=config.enable_prefix_caching,
+            enforce_eager=config.enforce_eager,
         )
     raise InputError(f"unknown backend {spec.kind!r}", field="model")

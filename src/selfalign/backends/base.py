@@ -10,7 +10,7 @@ and concatenated as token ids (never re-tokenized as one joined string).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +40,12 @@ def first_token_bias(
         if ids:
             bias[ids[0]] = bias.get(ids[0], 0.0) + value
     return bias
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the first stop string (the stop string itself is not kept)."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(cuts)] if cuts else text
 
 
 @dataclass(frozen=True)

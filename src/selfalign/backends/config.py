@@ -64,6 +64,9 @@ class BackendConfig(BaseModel):
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length limit")
     enable_prefix_caching: bool = Field(True, description="vllm: reuse KV of shared prefixes")
+    enforce_eager: bool = Field(
+        False, description="vllm: skip graph capture/compilation (faster start, slower decode)"
+    )
 
     # Settings that change only speed, never outputs: left out of stage fingerprints.
     # (A ClassVar, not a field: a field would be dumped into config.yaml and hashed.)
@@ -72,6 +75,7 @@ class BackendConfig(BaseModel):
             "batch_size", "device", "api_key_env", "base_urls", "max_concurrency",
             "timeout_s", "max_retries", "retry_backoff_s", "tensor_parallel_size",
             "gpu_memory_utilization", "max_model_len", "enable_prefix_caching",
+            "enforce_eager",
         }
     )  # fmt: skip
 

@@ -37,6 +37,7 @@ from selfalign.backends.base import (
     GenerationResult,
     SamplingParams,
     ScoreRequest,
+    cut_at_stop,
     first_token_bias,
 )
 from selfalign.errors import InputError
@@ -315,7 +316,7 @@ class HFBackend(Backend):
             )  # fmt: skip
             logits = out.logits[:, -1, :].float()
         for row in rows:
-            row.text = self._cut_at_stop(
+            row.text = cut_at_stop(
                 self.tokenizer.decode(row.generated, skip_special_tokens=True), params.stop
             )
 
@@ -324,11 +325,6 @@ class HFBackend(Backend):
             return False
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
         return any(s in text for s in stop)
-
-    @staticmethod
-    def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-        cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
-        return text[: min(cuts)] if cuts else text
 
     # -- scoring ------------------------------------------------------------------------
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:

