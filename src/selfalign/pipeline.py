@@ -61,6 +61,8 @@ class Stage:
     summarize: Callable[[list[dict], list[dict], StageContext], dict[str, Any]] | None = None
     # settings -> the human-written files the stage reads (part of its fingerprint)
     annotation_files: Callable[[Any], list[Path]] | None = None
+    # settings -> the data files the stage reads (hashed too, not counted as annotations)
+    data_files: Callable[[Any], list[Path]] | None = None
     version: int = 1
 
 
@@ -74,12 +76,15 @@ def stage(
     inputs: tuple[str, ...] = (),
     summarize: Callable[..., dict[str, Any]] | None = None,
     annotation_files: Callable[[Any], list[Path]] | None = None,
+    data_files: Callable[[Any], list[Path]] | None = None,
     version: int = 1,
 ) -> Callable[[StageFn], StageFn]:
     """Register a stage function under ``name``."""
 
     def register(fn: StageFn) -> StageFn:
-        _REGISTRY[name] = Stage(name, config, fn, inputs, summarize, annotation_files, version)
+        _REGISTRY[name] = Stage(
+            name, config, fn, inputs, summarize, annotation_files, data_files, version
+        )
         return fn
 
     return register
@@ -237,18 +242,20 @@ class Runner:
     def fingerprint(self, stage: Stage, config: StageConfig, upstream: dict[str, str]) -> str:
         backend = config.backend or self.run.generation_backend()
         files = stage.annotation_files(config) if stage.annotation_files else []
-        return stable_hash(
-            {
-                "stage": stage.name,
-                "version": stage.version,
-                "config": config.model_dump(mode="json", exclude={"backend"}),
-                "backend": backend.fingerprint_data(),
-                "seed": self.run.seed,
-                "model": self.run.model,
-                "inputs": {name: upstream[name] for name in stage.inputs},
-                "annotations": {str(p): file_sha256(p) for p in files},
-            }
-        )
+        data = stage.data_files(config) if stage.data_files else []
+        parts = {
+            "stage": stage.name,
+            "version": stage.version,
+            "config": config.model_dump(mode="json", exclude={"backend"}),
+            "backend": backend.fingerprint_data(),
+            "seed": self.run.seed,
+            "model": self.run.model,
+            "inputs": {name: upstream[name] for name in stage.inputs},
+            "annotations": {str(p): file_sha256(p) for p in files},
+        }
+        if data:  # only where a stage reads data files: other fingerprints stay as they were
+            parts["data"] = {str(p): file_sha256(p) for p in data}
+        return stable_hash(parts)
 
     def plan(self, only: str | None = None, until: str | None = None) -> list[PlanItem]:
         for flag, name in (("--only", only), ("--until", until)):

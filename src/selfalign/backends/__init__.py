@@ -60,6 +60,7 @@ def load_backend(config: BackendConfig | str, base_dir: Path | None = None) -> B
             max_retries=config.max_retries,
             retry_backoff_s=config.retry_backoff_s,
             tokenizer=tokenizer,
+            server_no_repeat_ngram=config.server_no_repeat_ngram,
         )
     if spec.kind == "vllm":
         if not spec.path.exists():

@@ -58,6 +58,11 @@ class BackendConfig(BaseModel):
         description="openai: the served model's tokenizer directory (logit_bias by text, "
         "scoring with exact lm-eval token boundaries)",
     )
+    server_no_repeat_ngram: bool = Field(
+        False,
+        description="openai: the server is `vllm serve` with --logits-processors "
+        "selfalign.backends.vllm_logits:NoRepeatNGram, so no_repeat_ngram_size can be sent",
+    )
 
     # vllm: the offline engine.
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs one model is split over")

@@ -13,6 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
+# Per-request switches, in vLLM's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
+SIZE_ARG = "no_repeat_ngram_size"
+SKIP_ARG = "no_repeat_skip"  # leading prompt tokens (BOS + shared prefix) left out
+
 
 class NGramBlocker:
     """Per-request state; called as ``blocker(prompt_ids, output_ids, logits)``."""

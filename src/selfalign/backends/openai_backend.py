@@ -40,6 +40,7 @@ from selfalign.backends.base import (
     first_token_bias,
 )
 from selfalign.backends.hf import HFBackend
+from selfalign.backends.ngram import SIZE_ARG, SKIP_ARG
 from selfalign.errors import InputError
 
 T = TypeVar("T")
@@ -109,11 +110,13 @@ class OpenAIBackend(Backend):
         max_retries: int = 6,
         retry_backoff_s: float = 1.0,
         tokenizer: str | Path | None = None,
+        server_no_repeat_ngram: bool = False,
     ) -> None:
         super().__init__()
         if not base_urls:
             raise InputError("the openai backend needs at least one base URL", field="model")
         self.model_name = model_name
+        self.server_no_repeat_ngram = server_no_repeat_ngram
         self.api_key_env = api_key_env
         self.max_retries, self.retry_backoff_s = max_retries, retry_backoff_s
         self.tokenizer = _load_tokenizer(tokenizer) if tokenizer else None
@@ -161,12 +164,11 @@ class OpenAIBackend(Backend):
 
     def _body(self, request: GenerationRequest) -> dict[str, Any]:
         p = request.params
+        extra: dict[str, Any] = {}
+        if p.repetition_penalty != 1.0:  # not OpenAI's, but vLLM, llama.cpp and TGI read it
+            extra["repetition_penalty"] = p.repetition_penalty
         if p.no_repeat_ngram_size > 0:
-            raise InputError(
-                "no_repeat_ngram_size is not part of the OpenAI API; use the hf backend "
-                "for this stage or set it to 0",
-                field="no_repeat_ngram_size",
-            )
+            extra["vllm_xargs"] = self._ngram_args(request)
         body: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": p.max_new_tokens,
@@ -178,13 +180,35 @@ class OpenAIBackend(Backend):
             body["stop"] = list(p.stop)
         if p.logit_bias:
             body["logit_bias"] = self._token_bias(p)
-        if p.repetition_penalty != 1.0:  # not OpenAI's, but vLLM, llama.cpp and TGI read it
-            body["extra_body"] = {"repetition_penalty": p.repetition_penalty}
+        if extra:
+            body["extra_body"] = extra
         if request.messages is not None:
             body["messages"] = [dict(m) for m in request.messages]
         else:
             body["prompt"] = request.prefix + request.prompt
         return body
+
+    def _ngram_args(self, request: GenerationRequest) -> dict[str, int]:
+        """``no_repeat_ngram_size`` for a ``vllm serve`` running our logits processor, with
+        the hf backend's rule: BOS and the shared prefix are not part of the history. The
+        server tokenizes prefix + prompt as one string, so this is exact where the prefix
+        ends at a token boundary (a newline, as the stages' prefixes do)."""
+        if not self.server_no_repeat_ngram:
+            raise InputError(
+                "no_repeat_ngram_size is not part of the OpenAI API: serve the model with "
+                "`vllm serve ... --logits-processors "
+                "selfalign.backends.vllm_logits:NoRepeatNGram` and set "
+                "`server_no_repeat_ngram: true`, use the hf or vllm backend, or set it to 0",
+                field="no_repeat_ngram_size",
+            )
+        if self.tokenizer is None:
+            raise InputError(
+                "no_repeat_ngram_size needs the served model's tokenizer to leave the shared "
+                "prefix out: set `tokenizer` in the backend block",
+                field="tokenizer",
+            )
+        skip = 0 if request.messages else len(self.head_ids) + len(self.encode(request.prefix))
+        return {SIZE_ARG: request.params.no_repeat_ngram_size, SKIP_ARG: skip}
 
     def _token_bias(self, params: SamplingParams) -> dict[str, float]:
         """Bias by text -> by token id (first token of the text, like the hf backend)."""

@@ -27,12 +27,13 @@ from selfalign.backends.base import (
     first_token_bias,
 )
 from selfalign.backends.hf import HFBackend
+from selfalign.backends.ngram import SIZE_ARG, SKIP_ARG
 from selfalign.errors import InputError
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
-def _require_vllm() -> Any:
+def require_vllm() -> Any:
     try:
         import vllm
         from vllm.platforms import current_platform
@@ -76,7 +77,7 @@ class VLLMBackend(Backend):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        vllm = _require_vllm()
+        vllm = require_vllm()
         from transformers import AutoTokenizer
 
         from selfalign.backends.vllm_logits import NoRepeatNGram
@@ -96,6 +97,10 @@ class VLLMBackend(Backend):
         )
         if max_model_len is not None:
             engine_args["max_model_len"] = max_model_len
+        if vllm.platforms.current_platform.is_cpu():
+            # vLLM's CPU build crashes ("CPU Generator does not use offset") when a seeded
+            # request's prefill is split into chunks; whole prefills avoid that path.
+            engine_args["enable_chunked_prefill"] = False
         self.lora = None
         if adapter:
             from vllm.lora.request import LoRARequest
@@ -107,7 +112,10 @@ class VLLMBackend(Backend):
                 max_lora_rank=next(r for r in _LORA_RANKS if r >= rank),
             )
             self.lora = LoRARequest("adapter", 1, str(adapter))
-        self.llm = vllm.LLM(**engine_args)
+        try:
+            self.llm = vllm.LLM(**engine_args)
+        except ValueError as e:  # vLLM's checks of the settings (lengths, ranks, memory)
+            raise InputError(f"vLLM refused the settings: {e}", field="backend") from None
         self._vllm = vllm
         self.max_model_len = _engine_max_len(self.llm)
 
@@ -171,8 +179,6 @@ class VLLMBackend(Backend):
         return results  # type: ignore[return-value]
 
     def _sampling(self, params: SamplingParams, seed: int, skip: int) -> Any:
-        from selfalign.backends.vllm_logits import SIZE_ARG, SKIP_ARG
-
         ngram = params.no_repeat_ngram_size
         bias = first_token_bias(params.logit_bias, self.encode)
         return self._vllm.SamplingParams(
@@ -198,7 +204,19 @@ class VLLMBackend(Backend):
             max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
         )
         prompts = [TokensPrompt(prompt_token_ids=ctx + cont) for ctx, cont in pairs]
-        outputs = self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+        if self.lora is None:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        else:
+            # Batched prompt_logprobs through a LoRA adapter kill vLLM's engine (vLLM 0.32
+            # CPU: the LoRA logits op gets per-request, not per-token, indices; GPU is
+            # unverified). One prompt per call is slower and always works.
+            outputs = [
+                out
+                for prompt in prompts
+                for out in self.llm.generate(
+                    [prompt], params, lora_request=self.lora, use_tqdm=False
+                )
+            ]
         values = []
         for (ctx, cont), out in zip(pairs, outputs, strict=True):
             rows = out.prompt_logprobs[len(ctx) : len(ctx) + len(cont)]

@@ -12,10 +12,7 @@ from __future__ import annotations
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from selfalign.backends.ngram import NGramBlocker
-
-SIZE_ARG = "no_repeat_ngram_size"
-SKIP_ARG = "no_repeat_skip"
+from selfalign.backends.ngram import SIZE_ARG, SKIP_ARG, NGramBlocker
 
 
 class NoRepeatNGram(AdapterLogitsProcessor):

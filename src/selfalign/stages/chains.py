@@ -173,11 +173,11 @@ def chain_queries(cfg: ChainsConfig) -> dict[str, Query]:
     return items
 
 
-def _validate_queries(cfg: ChainsConfig) -> list[Path]:
+def _query_files(cfg: ChainsConfig) -> list[Path]:
     """Reads the query files at plan time, so a bad file fails before any work (also under
-    --dry-run). They are data, not annotations: nothing is returned to count or hash."""
+    --dry-run); their contents are part of the stage's fingerprint."""
     chain_queries(cfg)
-    return []
+    return list(cfg.queries)
 
 
 @dataclass
@@ -373,7 +373,7 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     "chains",
     config=ChainsConfig,
     summarize=summarize,
-    annotation_files=_validate_queries,
+    data_files=_query_files,
 )
 def run_chains(ctx: StageContext) -> Iterator[Batch]:
     cfg: ChainsConfig = ctx.config  # type: ignore[assignment]

@@ -8,6 +8,7 @@ same format the ``selfalign eval`` commands print, and the report shows them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
@@ -53,7 +54,17 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
     return {r["name"]: {m["metric"]: m["value"] for m in r["metrics"]} for r in records}
 
 
-@stage("eval", config=EvalStageConfig, inputs=("engraved", "verbose"), summarize=_summary)
+def _data_files(cfg: EvalStageConfig) -> list[Path]:
+    return [s.data for s in (cfg.truthfulqa, cfg.hhh) if s is not None]
+
+
+@stage(
+    "eval",
+    config=EvalStageConfig,
+    inputs=("engraved", "verbose"),
+    summarize=_summary,
+    data_files=_data_files,
+)
 def run_eval(ctx: StageContext) -> Iterator[Batch]:
     from selfalign.eval.hhh import evaluate_hhh
     from selfalign.eval.truthfulqa import evaluate_truthfulqa
