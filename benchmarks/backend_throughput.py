@@ -15,7 +15,7 @@ backend's records/s and tokens/s and its ratio to hf measured in the same run.
         [--out FILE]
 
 ``--size 1b`` builds a random-init Llama of about 1B parameters (TinyLlama's shape with
-the tiny tokenizer) for GPU runs; ``--size small`` one of about 90M for CPU runs.
+the tiny tokenizer) for GPU runs; ``--size small`` one of about 82M for CPU runs.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from selfalign.tiny import PACKAGE_DIR, make_tiny_model
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {},
-    # GPT-2-small-like width and depth: about 90M parameters with the tiny vocabulary.
+    # GPT-2-small-like width and depth: about 82M parameters with the tiny vocabulary.
     "small": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
         num_attention_heads=12, num_key_value_heads=4,

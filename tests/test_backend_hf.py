@@ -91,19 +91,16 @@ def test_seeded_sampling_independent_of_batch_size(
     assert [r.text for r in backend.generate(reseeded)] != outputs[8]
 
 
-def test_stop_strings_cut_and_finish_reason(backend: HFBackend) -> None:
-    req = GenerationRequest(prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=24))
+@pytest.mark.parametrize("where", [slice(5, 8), slice(-40, -37)], ids=["early", "late"])
+def test_stop_strings_cut_and_finish_reason(backend: HFBackend, where: slice) -> None:
+    n = 160  # long enough that only a tail of the output is decoded for the stop check
+    req = GenerationRequest(prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=n))
     full = backend.generate([req])[0]
-    assert full.finish_reason == "length" and full.completion_tokens == 24
-    stop = full.text[5:8]
-    cut = backend.generate(
-        [
-            GenerationRequest(
-                prompt=PROMPTS[0], params=SamplingParams(max_new_tokens=24, stop=(stop,))
-            )
-        ]
-    )[0]
-    assert cut.finish_reason == "stop"
+    assert full.finish_reason == "length" and full.completion_tokens == n
+    stop = full.text[where]
+    params = SamplingParams(max_new_tokens=n, stop=("never appears", stop))
+    cut = backend.generate([GenerationRequest(prompt=PROMPTS[0], params=params)])[0]
+    assert cut.finish_reason == "stop" and cut.completion_tokens < n
     assert cut.text == full.text[: full.text.find(stop)]
 
 
