@@ -79,9 +79,67 @@ def test_ngram_blocker_bans_what_transformers_bans_at_every_step(size: int) -> N
 
 def test_ngram_blocker_with_nothing_before_the_first_token() -> None:
     blocker = NGramBlocker(2)
-    assert blocker.banned([], []) == []
-    assert blocker.banned([], [4]) == []
-    assert blocker.banned([], [4, 4]) == [4]
+    assert blocker.banned() == []
+    blocker.feed([4])
+    assert blocker.banned() == []
+    blocker.feed([4])
+    assert blocker.banned() == [4]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+def test_v2_runner_interface_bans_per_slot_with_rows_reordered() -> None:
+    """vLLM's V2 model runner (the GPU default) calls the processor by request slot, with
+    the committed token ids in a [slots, max_len] buffer and rows reordered every step.
+    No CPU build runs that runner, so it is driven here through its own dataclasses with
+    CPU tensors as the runner's buffers (``.gpu`` is the attribute the runner's own
+    processors read)."""
+    from types import SimpleNamespace
+
+    from vllm import SamplingParams as VllmParams
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import (
+        LogitsContext,
+        LogitsProcRequestState,
+    )
+
+    from selfalign.backends.vllm_logits import NoRepeatNGram
+
+    vocab, slots, max_len, skip = 6, 4, 64, 3
+    rng = random.Random(0)
+    tokens = torch.zeros(slots, max_len, dtype=torch.long)
+    total = torch.zeros(slots, dtype=torch.long)
+    state = LogitsProcRequestState(
+        device=torch.device("cpu"), max_num_reqs=slots, vocab_size=vocab,
+        all_token_ids=SimpleNamespace(gpu=tokens), prompt_len=SimpleNamespace(gpu=total),
+        prefill_len=SimpleNamespace(gpu=total), total_len=SimpleNamespace(gpu=total),
+    )  # fmt: skip
+    proc = NoRepeatNGram(None, state)
+    sizes = {0: 2, 2: 3, 3: 0}  # slot -> n (0: not asked for); slot 1 stays empty
+    for slot, size in sizes.items():
+        args = {"no_repeat_ngram_size": size, "no_repeat_skip": skip} if size else None
+        assert proc.add_request(slot, VllmParams(extra_args=args)) == (size > 0)
+        prompt = [rng.randrange(vocab) for _ in range(skip + 5)]
+        tokens[slot, : len(prompt)] = torch.tensor(prompt)
+        total[slot] = len(prompt)
+    oracles = {s: NoRepeatNGramLogitsProcessor(n) for s, n in sizes.items() if n}
+    for _ in range(20):
+        order = list(sizes)
+        rng.shuffle(order)
+        mapping = torch.tensor(order)
+        ctx = LogitsContext(
+            expanded_idx_mapping=mapping, idx_mapping=mapping, idx_mapping_np=mapping.numpy(),
+            expanded_local_pos=torch.zeros_like(mapping), input_ids=torch.zeros_like(mapping),
+            pos=total[mapping] - 1, seq_lens_upper_bound_np=total[mapping].numpy(),
+        )  # fmt: skip
+        logits = proc.apply(torch.zeros(len(order), vocab), ctx)
+        for row, slot in enumerate(order):
+            history = tokens[slot, skip : int(total[slot])][None]
+            want = oracles[slot](history, torch.zeros(1, vocab))[0] if slot in oracles else 0
+            assert torch.equal(logits[row], want + torch.zeros(vocab)), (slot, logits[row])
+            allowed = [t for t in range(vocab) if logits[row, t] == 0] or list(range(vocab))
+            tokens[slot, int(total[slot])] = rng.choice(allowed)
+            total[slot] += 1
+    # A new request in a used slot starts a fresh history.
+    assert not proc.add_request(0, VllmParams()) and 0 not in proc.slots
 
 
 # -- where vLLM cannot run -------------------------------------------------------------------

@@ -19,41 +19,42 @@ SKIP_ARG = "no_repeat_skip"  # leading prompt tokens (BOS + shared prefix) left 
 
 
 class NGramBlocker:
-    """Per-request state; called as ``blocker(prompt_ids, output_ids, logits)``."""
+    """One request's n-gram history. ``feed`` appends tokens, ``banned`` lists the tokens
+    that may not come next. Called as ``blocker(prompt_ids, output_ids, logits)`` it is a
+    per-request logits processor (vLLM's V1 model runner)."""
 
     def __init__(self, size: int, skip_prompt: int = 0) -> None:
         if size < 1:
             raise ValueError("n-gram size must be at least 1")
         self.size = size
         self.skip_prompt = skip_prompt  # shared-prefix tokens at the start of the prompt
+        self.tokens: list[int] = []
         self.seen: dict[tuple[int, ...], set[int]] = {}
-        self.indexed = 0  # n-grams of ``tokens`` ending before this position are indexed
-        self.tokens: list[int] | None = None
-        self.outputs_taken = 0
+        self.outputs_fed: int | None = None  # None: the prompt is not fed yet
 
-    def _extend(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> list[int]:
-        if self.tokens is None:
-            self.tokens = list(prompt_ids[self.skip_prompt :])
-        self.tokens.extend(output_ids[self.outputs_taken :])
-        self.outputs_taken = len(output_ids)
+    def feed(self, tokens: Sequence[int]) -> None:
+        start = len(self.tokens)
+        self.tokens.extend(tokens)
         n = self.size
-        for end in range(max(self.indexed, n), len(self.tokens) + 1):
+        for end in range(max(start + 1, n), len(self.tokens) + 1):
             gram = self.tokens[end - n : end]
             self.seen.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
-        self.indexed = max(self.indexed, len(self.tokens) + 1)
-        return self.tokens
 
-    def banned(self, prompt_ids: Sequence[int], output_ids: Sequence[int]) -> list[int]:
-        tokens = self._extend(prompt_ids, output_ids)
-        if len(tokens) + 1 < self.size:
+    def banned(self) -> list[int]:
+        if len(self.tokens) + 1 < self.size:
             return []
-        key = tuple(tokens[len(tokens) - self.size + 1 :])
+        key = tuple(self.tokens[len(self.tokens) - self.size + 1 :])
         return sorted(self.seen.get(key, ()))
 
     def __call__(
         self, prompt_ids: Sequence[int], output_ids: Sequence[int], logits: torch.Tensor
     ) -> torch.Tensor:
-        banned = self.banned(prompt_ids, output_ids)
+        if self.outputs_fed is None:
+            self.feed(prompt_ids[self.skip_prompt :])
+            self.outputs_fed = 0
+        self.feed(output_ids[self.outputs_fed :])
+        self.outputs_fed = len(output_ids)
+        banned = self.banned()
         if banned:
             logits[banned] = float("-inf")
         return logits
