@@ -13,6 +13,19 @@ torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+# Requests the backend tests share: a long common prefix and prompts of varied length.
+PREFIX = "You are a careful assistant. Answer briefly and truthfully. " * 12
+PROMPTS = [
+    "What is the capital of France?",
+    "hi",
+    "Write a haiku about rain on a tin roof.",
+    "List three prime numbers.",
+    "Explain recursion to a child in two sentences.",
+    "2 + 2 =",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -5,21 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import PREFIX, PROMPTS
 from selfalign.backends import GenerationRequest, SamplingParams, ScoreRequest
 from selfalign.backends.hf import HFBackend
 from selfalign.tiny import make_tiny_model
-
-PREFIX = "You are a careful assistant. Answer briefly and truthfully. " * 12
-PROMPTS = [
-    "What is the capital of France?",
-    "hi",
-    "Write a haiku about rain on a tin roof.",
-    "List three prime numbers.",
-    "Explain recursion to a child in two sentences.",
-    "2 + 2 =",
-    "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?",
-]
 
 
 @pytest.fixture(scope="module")

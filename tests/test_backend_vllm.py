@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import NoRepeatNGramLogitsProcessor
 
-from conftest import RunAligned
+from conftest import PREFIX, PROMPTS, RunAligned
 from selfalign.backends import (
     BackendConfig,
     GenerationRequest,
@@ -46,18 +46,6 @@ def _why_vllm_cannot_run() -> str:
 MISSING = _why_vllm_cannot_run()
 needs_vllm = pytest.mark.skipif(bool(MISSING), reason=f"vllm backend tests: {MISSING}")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-PREFIX = "You are a careful assistant. Answer briefly and truthfully. " * 12
-PROMPTS = [
-    "What is the capital of France?",
-    "hi",
-    "Write a haiku about rain on a tin roof.",
-    "List three prime numbers.",
-    "Explain recursion to a child in two sentences.",
-    "2 + 2 =",
-    "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?",
-]
 
 
 # -- the n-gram rule vLLM gets, against transformers' processor (no vLLM needed) ------------
