@@ -96,6 +96,7 @@ class OpenAIBackend(Backend):
     # With ``tokenizer`` set, HFBackend's tokenization code (it needs only ``tokenizer``,
     # ``encode`` and ``head_ids``) gives the same ids the hf backend feeds its model.
     encode = HFBackend.encode
+    request_ids = HFBackend.request_ids
     encode_pair = HFBackend.encode_pair
     _special_head = HFBackend._special_head
 
@@ -207,8 +208,8 @@ class OpenAIBackend(Backend):
                 "prefix out: set `tokenizer` in the backend block",
                 field="tokenizer",
             )
-        skip = 0 if request.messages else len(self.head_ids) + len(self.encode(request.prefix))
-        return {SIZE_ARG: request.params.no_repeat_ngram_size, SKIP_ARG: skip}
+        shared, _ = self.request_ids(request)  # the same split the hf and vllm backends use
+        return {SIZE_ARG: request.params.no_repeat_ngram_size, SKIP_ARG: len(shared)}
 
     def _token_bias(self, params: SamplingParams) -> dict[str, float]:
         """Bias by text -> by token id (first token of the text, like the hf backend)."""

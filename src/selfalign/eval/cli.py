@@ -83,14 +83,20 @@ def _details(path: Path | None, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _finish(result: EvalResult, out: Path | None, run_dir: Path | None, failed: int = 0) -> None:
+def _exit_if_failed(failed: int, what: str) -> None:
+    """Exit 1 when requests failed after all retries; a rerun resumes and asks again."""
     if failed:
-        typer.echo(emit(result))
         print(
-            f"error: {failed} item(s) failed; run the same command again to finish them",
+            f"error: {failed} {what}(s) failed; run the same command again to finish them",
             file=sys.stderr,
         )
         raise typer.Exit(1)
+
+
+def _finish(result: EvalResult, out: Path | None, run_dir: Path | None, failed: int = 0) -> None:
+    if failed:
+        typer.echo(emit(result))
+        _exit_if_failed(failed, "item")
     typer.echo(emit(result, out, run_dir))
 
 
@@ -185,12 +191,7 @@ def answer(
         )  # fmt: skip
     typer.echo(json.dumps({"answers": str(out), "n": len(rows), "failed": failed, "model": model,
                            "questions": data_ref(questions)}))  # fmt: skip
-    if failed:
-        print(
-            f"error: {failed} question(s) failed; run the same command again to finish them",
-            file=sys.stderr,
-        )
-        raise typer.Exit(1)
+    _exit_if_failed(failed, "question")
 
 
 @eval_app.command()
