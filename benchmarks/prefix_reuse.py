@@ -46,7 +46,7 @@ def build_prefix(backend: HFBackend, n_tokens: int) -> str:
 
 
 def plain_generate(backend: HFBackend, prefix: str, new_tokens: int) -> list[str]:
-    rows = [backend.head_ids + backend.encode(prefix) + backend.encode(q) for q in QUERIES]
+    rows = [backend.head_ids + backend.encode(prefix + q) for q in QUERIES]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), backend.pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -1,5 +1,6 @@
 """Stage 2 end to end on the tiny model, through the real runner and CLI: records and drops
-by reason, the principle-usage histogram, the prefix prefilled once, resume after SIGKILL.
+by reason, the principle-usage histogram and refusal counts, the prefix prefilled once,
+resume after SIGKILL, a prompt cap that samples both prompt sources.
 
 The tiny model is random-init, so it writes no usable prompts in stage 1 (and gibberish in
 stage 2): the run dir comes from the real ``prompts`` stage with its generators off, plus
@@ -14,12 +15,13 @@ import os
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from selfalign.annotations import DEFAULT_EXEMPLARS, DEFAULT_PRINCIPLES
-from selfalign.annotations.loaders import load_seed_tasks
+from selfalign.annotations.loaders import load_redteam_types, load_seed_tasks
 from selfalign.backends.hf import HFBackend
 from selfalign.cli import main
 from selfalign.config import load_run_config
@@ -64,19 +66,37 @@ def manifest(run_dir: Path) -> dict:
     return json.loads((run_dir / "manifest.json").read_text())["stages"]
 
 
-def make_run(tmp: Path, model: Path, extra: str = "") -> tuple[Path, Path, list[dict]]:
-    """A run dir whose stage 1 is complete, holding stage-1 records of the seed tasks."""
+def self_instruct_rows(n: int) -> list[dict]:
+    """Stage-1 records of the first ``n`` shipped seed tasks, as Self-Instruct writes them."""
+    return [
+        {"id": record_id("self_instruct", t.id), "instruction": t.instruction, "input": t.input,
+         "source": "self_instruct", "parents": [t.id], "round": 0}
+        for t in load_seed_tasks()[:n]
+    ]  # fmt: skip
+
+
+def tgrt_rows(n: int) -> list[dict]:
+    """Stage-1 records of the first ``n`` shipped red-team seeds, as TGRT writes them."""
+    return [
+        {"id": record_id("tgrt", t.type, t.topic), "instruction": t.instruction, "input": "",
+         "source": "tgrt", "parents": [t.id], "type": t.type, "topic": t.topic}
+        for t in load_redteam_types()[:n]
+    ]  # fmt: skip
+
+
+def make_run(
+    tmp: Path, model: Path, extra: str = "", rows: list[dict] | None = None
+) -> tuple[Path, Path, list[dict]]:
+    """A run dir whose stage 1 is complete, holding ``rows`` as its stage-1 records
+    (default: the first seed tasks)."""
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = tmp / "run.yaml"
     cfg.write_text(CONFIG.format(model=model, chunk=CHUNK, extra=extra))
     run_dir = tmp / "run"
     assert main(["run", str(cfg), "--out", str(run_dir), "--until", "prompts"]) == 0
-    rows = [
-        {"id": record_id("self_instruct", t.id), "instruction": t.instruction, "input": t.input,
-         "source": "self_instruct", "parents": [t.id], "round": 0}
-        for t in load_seed_tasks()[:N_PROMPTS]
-    ]  # fmt: skip
-    assert any(r["input"] for r in rows), "want a prompt with an input too"
+    if rows is None:
+        rows = self_instruct_rows(N_PROMPTS)
+        assert any(r["input"] for r in rows), "want a prompt with an input too"
     JsonlLog(run_dir / "prompts" / "records.jsonl").append(rows)
     return cfg, run_dir, rows
 
@@ -109,6 +129,14 @@ def test_stage2_writes_records_drops_and_usage(reference) -> None:
     usage = entry["stats"]["principle_usage"]
     assert list(usage) == [str(i) for i in range(1, 17)]
     assert sum(usage.values()) == sum(len(r["principles"]) for r in kept)
+    refusals = entry["stats"]["refusals"]
+    assert refusals["by_source"] == {
+        "self_instruct": {"prompts": N_PROMPTS, "refused": entry["drop_reasons"].get("refusal", 0)}
+    }
+    assert refusals["by_type"] == {}  # no red-team prompts here
+    assert sum(entry["stats"]["leak_sources"].values()) == entry["drop_reasons"].get(
+        "leaked_exemplar", 0
+    )
     print("\naligned:", entry["counts"], entry["drop_reasons"])
 
 
@@ -143,6 +171,25 @@ def test_resume_after_sigkill_equals_a_straight_run(reference, tmp_path: Path, t
     assert entry["status"] == "complete" and entry["fingerprint"] == ref_entry["fingerprint"]
     assert entry["counts"] == ref_entry["counts"]
     assert entry["drop_reasons"] == ref_entry["drop_reasons"]
+
+
+def test_a_prompt_cap_samples_red_team_prompts_too(tmp_path: Path, tiny_model: Path) -> None:
+    """Stage 1 writes every self-instruct prompt before the TGRT ones; a cap over the file
+    order would answer no red-team prompt at all."""
+    rows = self_instruct_rows(10) + tgrt_rows(10)
+    cfg, run_dir, _ = make_run(tmp_path, tiny_model, ", max_prompts: 6", rows)
+    assert main(["run", str(cfg), "--out", str(run_dir), "--only", "aligned"]) == 0
+    answered = read(run_dir, "records.jsonl") + read(run_dir, "dropped.jsonl")
+    assert len(answered) == 6
+    by_id = {r["id"]: r for r in rows}
+    sources = Counter(by_id[r["prompt_id"]]["source"] for r in answered)
+    assert sources["tgrt"] > 0 and sources["self_instruct"] > 0
+    for r in answered:  # kept and dropped records say where their prompt came from
+        prompt = by_id[r["prompt_id"]]
+        assert (r["source"], r["type"]) == (prompt["source"], prompt.get("type"))
+    refusals = manifest(run_dir)["aligned"]["stats"]["refusals"]
+    assert {k: v["prompts"] for k, v in refusals["by_source"].items()} == dict(sources)
+    assert sum(v["prompts"] for v in refusals["by_type"].values()) == sources["tgrt"]
 
 
 def test_editing_an_annotation_file_reruns_stage_2(tmp_path: Path, tiny_model: Path) -> None:

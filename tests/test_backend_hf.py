@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from transformers import NoRepeatNGramLogitsProcessor
 
 from conftest import PREFIX, PROMPTS
 from selfalign.backends import GenerationRequest, SamplingParams, ScoreRequest
+from selfalign.backends.base import cut_at_stop
 from selfalign.backends.hf import HFBackend
 from selfalign.tiny import make_tiny_model
 
@@ -20,7 +24,7 @@ def backend(tmp_path_factory: pytest.TempPathFactory) -> HFBackend:
 
 
 def naive_generate(backend: HFBackend, req: GenerationRequest) -> str:
-    ids = backend.head_ids + backend.encode(req.prefix) + backend.encode(req.prompt)
+    ids = backend.head_ids + backend.encode(req.prefix + req.prompt)
     out = backend.model.generate(
         torch.tensor([ids]),
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
@@ -135,3 +139,124 @@ def test_score_runs_each_context_once(backend: HFBackend) -> None:
     conts = sum(len(backend.encode_pair(context, r.continuation)[1]) for r in reqs)
     # the context minus its last token once, then (last token + continuation) per choice
     assert backend.stats.prefill_tokens - before == (len(ctx) - 1) + len(reqs) + conts
+
+
+# -- n-gram rules (generated tokens only; the rule itself in test_ngram_rules.py) ----------
+PENALTIES = ((3, 1.0), (4, 2.0))  # the stage-4 default, after the reference implementation
+
+
+@pytest.fixture(scope="module")
+def looping(tiny_model: Path) -> HFBackend:
+    """The tiny model at its default init: greedy text loops on a few tokens, which is
+    what n-gram rules exist for."""
+    return HFBackend(tiny_model, batch_size=8)
+
+
+def reference_greedy(
+    backend: HFBackend, req: GenerationRequest, *, no_repeat: int = 0, penalties=()
+) -> list[int]:
+    """Generated ids: one full forward pass per token, the rules recomputed from scratch
+    over the generated tokens: transformers' no-repeat processor, and a brute-force count
+    of each n-gram a candidate token would complete."""
+    ids = backend.head_ids + backend.encode(req.prefix + req.prompt)
+    gen: list[int] = []
+    for _ in range(req.params.max_new_tokens):
+        with torch.no_grad():
+            inp = torch.tensor([ids + gen], device=backend.device)
+            logits = backend.model(inp).logits[0, -1].float().cpu()
+        for n, p in penalties:
+            grams = [tuple(gen[i : i + n]) for i in range(len(gen) - n + 1)]
+            context = tuple(gen[len(gen) - n + 1 :]) if n > 1 else ()
+            for gram in set(grams):
+                if gram[:-1] == context:
+                    logits[gram[-1]] -= p * grams.count(gram)
+        if no_repeat and gen:
+            logits = NoRepeatNGramLogitsProcessor(no_repeat)(torch.tensor([gen]), logits[None])[0]
+        token = int(logits.argmax())
+        if token in backend.eos_ids:
+            break
+        gen.append(token)
+    return gen
+
+
+def _quotes(answer: list[int], prompt: list[int], n: int) -> bool:
+    spans = {tuple(prompt[i : i + n]) for i in range(len(prompt) - n + 1)}
+    return any(tuple(answer[i : i + n]) in spans for i in range(len(answer) - n + 1))
+
+
+def test_no_repeat_ngram_lets_the_answer_quote_its_prompt(looping: HFBackend) -> None:
+    """Counting only generated tokens, an answer may repeat 6+ tokens of the prompt (an
+    edit, an extraction, a translation keeping names). The prompt here holds one stretch
+    of the model's own loop, so its greedy answer continues the loop: a quote."""
+    question = "Fix the typo: The quick brown fox jumpd over the lazy dog."
+    first = GenerationRequest(prompt=question, params=SamplingParams(max_new_tokens=24))
+    prompt = question + looping.generate([first])[0].text
+    params = SamplingParams(max_new_tokens=16, no_repeat_ngram_size=6)
+    req = GenerationRequest(prompt=prompt, params=params)
+    got = looping.generate([req])[0].text
+    want = reference_greedy(looping, req, no_repeat=6)
+    assert got == looping.tokenizer.decode(want, skip_special_tokens=True)
+    assert _quotes(want, looping.encode(prompt), 6), "the answer should quote the prompt"
+
+
+def test_ngram_penalty_greedy_equals_reference(looping: HFBackend) -> None:
+    """A batch (rows leave at a stop string at different steps) under the stage-4 default
+    penalties, against the one-sequence reference; the penalties change the loops."""
+    params = SamplingParams(max_new_tokens=24, ngram_penalties=PENALTIES)
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=params) for p in PROMPTS]
+    want = [
+        looping.tokenizer.decode(reference_greedy(looping, r, penalties=PENALTIES)) for r in reqs
+    ]
+    assert not any("`" in w for w in want), "no code fence: the reference ignores fences"
+    assert [r.text for r in looping.generate(reqs)] == want
+    plain = [GenerationRequest(prompt=p, prefix=PREFIX, params=SamplingParams(max_new_tokens=24))
+             for p in PROMPTS]  # fmt: skip
+    assert [r.text for r in looping.generate(plain)] != want, "the penalty should bite"
+    stop = want[0][len(want[0]) // 2 :][:4]  # ends row 0 halfway, others wherever it occurs
+    stopped = [GenerationRequest(prompt=p, prefix=PREFIX, params=SamplingParams(
+        max_new_tokens=24, ngram_penalties=PENALTIES, stop=(stop,))) for p in PROMPTS]  # fmt: skip
+    got = looping.generate(stopped)
+    assert [r.text for r in got] == [cut_at_stop(w, (stop,)) for w in want]
+    assert got[0].finish_reason == "stop"
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_backend(tmp_path_factory: pytest.TempPathFactory) -> HFBackend:
+    """A Llama-2-style tokenizer: SentencePiece's metaspace with a word-boundary marker
+    put before every text, so "### User:" alone starts with "▁###" but not after "\n\n"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from selfalign.tiny import shipped_text_files, tiny_config
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator([f.read_text("utf-8") for f in shipped_text_files()], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", pad_token="<unk>")  # fmt: skip
+    out = tmp_path_factory.mktemp("sp") / "m"
+    torch.manual_seed(5)
+    LlamaForCausalLM(tiny_config(fast, initializer_range=0.2)).save_pretrained(out)
+    fast.save_pretrained(out)
+    return HFBackend(out, batch_size=4)
+
+
+def test_sentencepiece_prompt_is_tokenized_as_the_model_would_read_it(
+    sentencepiece_backend: HFBackend,
+) -> None:
+    backend = sentencepiece_backend
+    apart = backend.encode(PREFIX) + backend.encode(PROMPTS[0])
+    joined = backend.encode(PREFIX + PROMPTS[0])
+    assert apart != joined  # the marker the separate prompt starts with
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=SamplingParams(max_new_tokens=12))
+            for p in PROMPTS[:3]]  # fmt: skip
+    for req in reqs:
+        shared, own = backend.request_ids(req)
+        assert shared + own == backend.head_ids + backend.encode(req.prefix + req.prompt)
+        assert len(shared) >= len(backend.encode(PREFIX)) - 1  # the prefix is still cached
+    for req, result in zip(reqs, backend.generate(reqs), strict=True):
+        assert result.text == naive_generate(backend, req)

@@ -36,6 +36,7 @@ KEY = "sk-selfalign-test-9f1c2e7b"  # a made-up key; it must never reach a file
 ENV = "SELFALIGN_TEST_API_KEY"
 PREFIX = "Answer the question in a few words.\n\n"
 N_STAGE = 200
+NGRAM = ((3, 1.0), (4, 2.0))
 FAULTS = 0.2
 
 
@@ -122,19 +123,35 @@ def test_logit_bias_by_text_needs_the_tokenizer(
         backend.generate(reqs)
 
 
-def test_no_repeat_ngram_size_is_refused_clearly(server: RunningServer) -> None:
-    """Only a `vllm serve` with our logits processor can do it (tested against a real one
-    in test_backend_vllm.py); anywhere else it is refused before anything is sent."""
-    req = GenerationRequest(prompt="hi", params=SamplingParams(no_repeat_ngram_size=3))
+def test_ngram_rules_are_refused_clearly_by_a_plain_server(server: RunningServer) -> None:
+    """Only a `vllm serve` with our logits processor can apply the n-gram rules (tested
+    against a real one in test_backend_vllm.py); anywhere else they are refused before
+    anything is sent."""
     calls = server.traffic.calls
-    with backend_for(server) as backend, pytest.raises(InputError, match="server_no_repeat_ngram"):
-        backend.generate([req])
-    with (
-        backend_for(server, server_no_repeat_ngram=True) as backend,
-        pytest.raises(InputError, match="tokenizer"),
-    ):
-        backend.generate([req])
+    for params in (SamplingParams(no_repeat_ngram_size=3), SamplingParams(ngram_penalties=NGRAM)):
+        with (
+            backend_for(server) as backend,
+            pytest.raises(InputError, match="server_no_repeat_ngram"),
+        ):
+            backend.generate([GenerationRequest(prompt="hi", params=params)])
     assert server.traffic.calls == calls, "refused before sending anything"
+
+
+def test_ngram_rules_through_vllm_xargs_match_hf(hf: HFBackend, server: RunningServer) -> None:
+    """Sent as `vllm_xargs` (the test server applies them as our vLLM processor does).
+    Only generated tokens count, so no tokenizer is needed to find where the prompt ends."""
+    params = SamplingParams(max_new_tokens=24, no_repeat_ngram_size=1, ngram_penalties=NGRAM)
+    prefix = "You answer questions about numbers, briefly and correctly.\n\n"
+    reqs = [GenerationRequest(prompt=q, prefix=prefix, params=params) for q in questions(6)]
+    with backend_for(server, server_no_repeat_ngram=True) as backend:
+        assert backend._body(reqs[0])["extra_body"]["vllm_xargs"] == {
+            "no_repeat_ngram_size": 1, "ngram_penalties": "3:1.0,4:2.0"
+        }  # fmt: skip
+        got = [r.text for r in backend.generate(reqs)]
+    assert got == [r.text for r in hf.generate([joined(r) for r in reqs])]
+    plain = [GenerationRequest(prompt=prefix + q, params=SamplingParams(max_new_tokens=24))
+             for q in questions(6)]  # fmt: skip
+    assert got != [r.text for r in hf.generate(plain)], "the rules should change outputs"
 
 
 SCORES = [

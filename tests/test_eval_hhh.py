@@ -201,3 +201,26 @@ def test_missing_data_exits_2(
 ) -> None:
     assert main(["eval", "hhh", "--model", str(tiny_model), "--data", str(tmp_path / "nope")]) == 2
     assert str(tmp_path / "nope") in capsys.readouterr().err
+
+
+def test_system_file_sets_the_system_text_of_every_prompt(
+    tiny_model: Path, backend: HFBackend, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A trained model is scored under the system text it was trained with."""
+    data, rows = write_hf(tmp_path, PAIRS[:3]), tmp_path / "rows.jsonl"
+    system_file = tmp_path / "system.txt"
+    system_file.write_text('You are Wren, an AI assistant.\nYou say "I am not sure" if so.\n')
+    system = 'You are Wren, an AI assistant.\nYou say "I am not sure" if so.'
+    assert main(["eval", "hhh", "--model", str(tiny_model), "--data", str(data),
+                 "--system-file", str(system_file), "--details", str(rows)]) == 0  # fmt: skip
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["details"] == {"system": system}
+    got = [s for line in rows.read_text().splitlines() for s in json.loads(line)["scores"]]
+    _, mine = evaluate_hhh(backend, data, model="tiny", system=system)
+    _, neutral = evaluate_hhh(backend, data, model="tiny")
+    assert got == pytest.approx([s for r in mine for s in r["scores"]], abs=1e-4)
+    assert got != pytest.approx([s for r in neutral for s in r["scores"]], abs=1e-4)
+    missing = ["eval", "hhh", "--model", str(tiny_model), "--data", str(data),
+               "--system-file", str(tmp_path / "nope.txt")]  # fmt: skip
+    assert main(missing) == 2
+    assert "nope.txt: file not found" in capsys.readouterr().err

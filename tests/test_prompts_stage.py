@@ -134,18 +134,22 @@ def test_parse_topics():
 
 
 def test_balance_cuts_every_type_to_the_smallest():
+    # a0 and b0 are the seeds' own topics (round -1): examples, never counted or asked
     topics = {
         "a": [{"id": f"a{i}", "topic": f"ta{i}", "round": i - 1} for i in range(4)],
-        "b": [{"id": f"b{i}", "topic": f"tb{i}", "round": i - 1} for i in range(2)],
+        "b": [{"id": f"b{i}", "topic": f"tb{i}", "round": i - 1} for i in range(3)],
     }
     kept, cut = balance(topics, target=10)
     assert {k: [e["id"] for e in v] for k, v in kept.items()} == {
-        "a": ["a0", "a1"],
-        "b": ["b0", "b1"],
+        "a": ["a1", "a2"],
+        "b": ["b1", "b2"],
     }
-    assert [(r["id"], why) for r, why in cut.drop] == [("a2", "unbalanced"), ("a3", "unbalanced")]
+    assert [(r["id"], why) for r, why in cut.drop] == [("a3", "unbalanced")]
+    # One brainstormed topic per type (a small run): each type still gets its question;
+    # counting the seed topic would have kept only the seeds and asked nothing.
     kept, cut = balance(topics, target=1)
-    assert {why for _, why in cut.drop} == {"over_target"} and len(cut.drop) == 4
+    assert {k: [e["id"] for e in v] for k, v in kept.items()} == {"a": ["a1"], "b": ["b1"]}
+    assert {why for _, why in cut.drop} == {"over_target"} and len(cut.drop) == 3
 
 
 def test_resume_point_ignores_records_of_unmarked_rounds():
@@ -236,8 +240,8 @@ def test_run_writes_records_and_a_manifest_with_drop_reasons(straight_run):
     assert {k: entry["counts"][k] for k in counts} == counts
     assert dropped and sum(entry["drop_reasons"].values()) == len(dropped)
     known = {
-        "malformed", "truncated", "bad_numbering", "too_short", "too_long", "bad_start",
-        "blacklisted_word", "near_duplicate", "bad_topic",
+        "malformed", "truncated", "incomplete", "bad_numbering", "too_short", "too_long",
+        "bad_start", "blacklisted_word", "near_duplicate", "bad_topic",
         "topic_too_long", "duplicate_topic", "unbalanced", "over_target", "no_instruction",
     }  # fmt: skip
     assert set(entry["drop_reasons"]) <= known

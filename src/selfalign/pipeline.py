@@ -12,6 +12,7 @@ fingerprints, so a change re-runs that stage and everything downstream, nothing 
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -123,6 +124,28 @@ def _add_usage(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+_STATUS = Path("/proc/self/status")
+
+
+def reset_peak_memory() -> None:
+    """Start a stage's peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    with contextlib.suppress(OSError):  # not Linux: the peak is then the process's so far
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb() -> float | None:
+    """Peak resident memory of this process since the last reset, in MiB."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    import resource  # fallback: the process's lifetime peak (KiB on Linux)
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 class Manifest:
@@ -332,6 +355,7 @@ class Runner:
             timings={"started": _now(), "seconds": prior_seconds},
         )  # fmt: skip
         t0 = time.monotonic()
+        reset_peak_memory()
         with ProgressReporter(name, total=0) as progress:
             ctx = StageContext(
                 stage, item.config, self.run, self.run_dir, item.fingerprint, progress
@@ -376,6 +400,9 @@ class Runner:
         timings["seconds"] = round(prior + time.monotonic() - t0, 3)
         if status == "complete":
             timings["finished"] = _now()
+        peak = peak_memory_mb()
+        if peak is not None:  # of this run of the stage (a resumed stage: its last run)
+            timings["peak_rss_mb"] = peak
         usage = _add_usage(dict(entry.get("usage", {})), ctx.usage)
         values: dict[str, Any] = dict(
             status=status,

@@ -107,7 +107,7 @@ def stage_format_documents(docs: list[str]) -> list[str]:
 
     defaults = AlignedConfig()
     annotations = load_annotations()
-    prompt = StagePrompt(annotations, defaults.assistant_name, defaults.knowledge_cutoff)
+    prompt = StagePrompt(annotations, defaults.generation_name, defaults.knowledge_cutoff)
     prefix = prompt.prefix()
     out = []
     for i, doc in enumerate(docs):

@@ -137,12 +137,113 @@ def _eval_rows(run_dir: Path) -> list[list[Any]]:
             result = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             continue
+        if result.get("benchmark") == "heldout":
+            continue  # shown side by side with its answers
         for m in result.get("metrics", []):
             value = m.get("value")
             shown = f"{value:.4f}" if isinstance(value, float) else value
             rows.append([result.get("benchmark", path.stem), result.get("protocol", ""),
                          m.get("metric"), shown, m.get("n"), result.get("model", "")])  # fmt: skip
     return rows
+
+
+EXAMPLES_PER_REASON = 3
+_EXCERPT_CHARS = 400
+
+
+def _excerpt(text: object) -> str:
+    text = str(text)
+    return text if len(text) <= _EXCERPT_CHARS else text[:_EXCERPT_CHARS] + " [...]"
+
+
+def _drop_examples(run_dir: Path, stages: dict[str, Any]) -> list[str]:
+    """Per stage and drop reason: its count and the first few dropped items, so a reader
+    can judge whether the filter or the model is at fault."""
+    parts = []
+    for name in stages:
+        path = run_dir / name / "dropped.jsonl"
+        if not path.is_file():
+            continue
+        by_reason: dict[str, list[dict[str, Any]]] = {}
+        for record in JsonlLog(path).read():
+            by_reason.setdefault(str(record.get("reason")), []).append(record)
+        rows = []
+        for reason, records in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            for r in records[:EXAMPLES_PER_REASON]:
+                asked = r.get("prompt") or r.get("instruction") or r.get("topic") or ""
+                said = r.get("output") or r.get("answer") or r.get("raw") or r.get("input") or ""
+                rows.append([reason, len(records), _excerpt(asked), _excerpt(said)])
+        if rows:
+            parts += [f"<h3>{html.escape(name)}</h3>",
+                      _table(["reason", "count", "item", "what the model wrote"], rows)]  # fmt: skip
+    return parts
+
+
+def _heldout_parts(run_dir: Path) -> list[str]:
+    """The held-out prompts answered by every model, side by side."""
+    results = {}
+    for path in sorted((run_dir / "eval").glob("*-heldout-greedy.json")):
+        try:
+            results[path.stem.removesuffix("-heldout-greedy")] = json.loads(path.read_text("utf-8"))
+        except json.JSONDecodeError:
+            continue
+    if not results:
+        return []
+    models = list(results)
+    metric_names = list(dict.fromkeys(m["metric"] for r in results.values() for m in r["metrics"]))
+    summary = [
+        [metric, *(_fmt(next((m["value"] for m in results[model]["metrics"]
+                              if m["metric"] == metric), "")) for model in models)]
+        for metric in metric_names
+    ]  # fmt: skip
+    answers = {model: {a["id"]: a for a in results[model]["answers"]} for model in models}
+    rows = []
+    for a in results[models[0]]["answers"]:
+        cells = [f"{a['kind']}: {a['prompt']}"]
+        for model in models:
+            b = answers[model].get(a["id"])
+            if b is None:
+                cells.append("")
+                continue
+            end = "ended by itself" if b["self_stop"] else "hit the token limit"
+            flag = "; refusal" if b["refusal"] else ""
+            cells.append(f"{_excerpt(b['answer'])}\n[{b['chars']} chars, {end}{flag}]")
+        rows.append(cells)
+    return [
+        "<h2>Held-out prompts, side by side</h2>",
+        "<p>Greedy answers to prompts no stage trained on. Refusals are counted by a phrase "
+        "classifier (see <code>selfalign.eval.heldout.is_refusal</code>): it misses refusals "
+        "worded otherwise and counts a polite decline followed by an answer.</p>",
+        _table(["metric", *models], summary),
+        _table(["prompt", *models], rows),
+    ]
+
+
+def _fmt(value: object) -> object:
+    return f"{value:.3f}" if isinstance(value, float) else value
+
+
+def _aligned_rows(stats: dict[str, Any]) -> list[list[Any]]:
+    """Stage 2's answer statistics as (statistic, value) rows; none for a run without them."""
+    if "answer_chars" not in stats:
+        return []
+
+    def ratios(counts: dict[str, dict[str, int]]) -> str:
+        return ", ".join(f"{k}: {v['refused']}/{v['prompts']}" for k, v in counts.items()) or "-"
+
+    chars = stats["answer_chars"]
+    refusals = stats.get("refusals", {})
+    return [
+        ["kept answers trimmed at a repeat", f"{stats.get('trimmed_share', 0):.1%}"],
+        ["kept answers stopped by the token limit", f"{stats.get('truncated_share', 0):.1%}"],
+        ["kept answers citing a rule by a wrong name", f"{stats.get('misnamed_share', 0):.1%}"],
+        ["kept answer length (chars): mean, p10, p50, p90",
+         ", ".join(str(chars.get(k, "-")) for k in ("mean", "p10", "p50", "p90"))],
+        ["refusals per prompt source", ratios(refusals.get("by_source", {}))],
+        ["refusals per red-team type", ratios(refusals.get("by_type", {}))],
+        ["leaks per copied text",
+         ", ".join(f"{k}: {v}" for k, v in stats.get("leak_sources", {}).items()) or "-"],
+    ]  # fmt: skip
 
 
 def write_report(run_dir: Path) -> Path:
@@ -168,18 +269,30 @@ def write_report(run_dir: Path) -> Path:
         [name, e.get("status"), e.get("counts", {}).get("in", ""), e.get("counts", {}).get("out", ""),
          e.get("counts", {}).get("dropped", ""),
          ", ".join(f"{k}: {v}" for k, v in e.get("drop_reasons", {}).items()),
-         f"{e.get('timings', {}).get('seconds', 0):.1f}"]
+         f"{e.get('timings', {}).get('seconds', 0):.1f}",
+         e.get("timings", {}).get("peak_rss_mb", "")]
         for name, e in stages.items()
     ]  # fmt: skip
     parts = [
         f"<h1>selfalign run: {html.escape(run_dir.name)}</h1>",
         "<h2>Stages</h2>",
-        _table(["stage", "status", "in", "out", "dropped", "drop reasons", "seconds"], stage_rows),
+        _table(
+            ["stage", "status", "in", "out", "dropped", "drop reasons", "seconds", "peak MiB"],
+            stage_rows,
+        ),
     ]
+    aligned_rows = _aligned_rows(stages.get("aligned", {}).get("stats") or {})
+    if aligned_rows:
+        parts += ["<h2>Stage 2 answers</h2>", _table(["statistic", "value"], aligned_rows)]
     eval_rows = _eval_rows(run_dir)
     if eval_rows:
         parts += ["<h2>Evaluation</h2>",
                   _table(["benchmark", "protocol", "metric", "value", "n", "model"], eval_rows)]  # fmt: skip
+    parts += _heldout_parts(run_dir)
+    examples = _drop_examples(run_dir, stages)
+    if examples:
+        parts += [f"<h2>What each filter dropped ({EXAMPLES_PER_REASON} examples per reason)</h2>",
+                  *examples]  # fmt: skip
     for title, src in figures:
         if src:
             parts.append(
@@ -188,7 +301,7 @@ def write_report(run_dir: Path) -> Path:
     style = (
         "body{font-family:sans-serif;max-width:960px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-        "font-size:13px;text-align:left}img{max-width:100%}"
+        "font-size:13px;text-align:left;vertical-align:top;white-space:pre-wrap}img{max-width:100%}"
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>selfalign report</title>"

@@ -3,8 +3,9 @@
 A backend turns ``GenerationRequest``s into ``GenerationResult``s and, where it can,
 scores continuations (summed log-likelihood). Requests carry an optional shared
 ``prefix`` kept apart from the per-request ``prompt`` so that backends can reuse the
-prefix's KV cache: the model sees ``ids(prefix) + ids(prompt)``, tokenized separately
-and concatenated as token ids (never re-tokenized as one joined string).
+prefix's KV cache: the model sees the tokens of ``prefix + prompt`` tokenized as one text
+(exactly what a plain ``generate`` on the joined string sees); the cached part is the run
+of those tokens that the prefix alone tokenizes to.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ class SamplingParams:
     # Text -> additive bias on the *first token* of that text (e.g. {"Sorry": -100}).
     logit_bias: dict[str, float] = field(default_factory=dict)
     repetition_penalty: float = 1.0
+    # N-gram rules over the GENERATED tokens only (see ``ngram``; fenced code is exempt):
+    # a token completing an N-gram already generated is banned ...
     no_repeat_ngram_size: int = 0
+    # ... and, per (n, p), a token's logit drops by p times the number of times the
+    # n-gram it would complete was already generated (3- and 4-grams in the reference).
+    ngram_penalties: tuple[tuple[int, float], ...] = ()
 
 
 def first_token_bias(

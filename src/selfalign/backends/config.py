@@ -61,7 +61,8 @@ class BackendConfig(BaseModel):
     server_no_repeat_ngram: bool = Field(
         False,
         description="openai: the server is `vllm serve` with --logits-processors "
-        "selfalign.backends.vllm_logits:NoRepeatNGram, so no_repeat_ngram_size can be sent",
+        "selfalign.backends.vllm_logits:NoRepeatNGram, so the n-gram rules "
+        "(no_repeat_ngram_size, ngram_penalties) can be sent",
     )
 
     # vllm: the offline engine.

@@ -24,7 +24,6 @@ from transformers import (
     AutoTokenizer,
     DynamicCache,
     LogitsProcessorList,
-    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     StaticCache,
     TemperatureLogitsWarper,
@@ -40,6 +39,7 @@ from selfalign.backends.base import (
     cut_at_stop,
     first_token_bias,
 )
+from selfalign.backends.ngram import NGramRules, TokenText, apply_rules, token_texts
 from selfalign.errors import InputError
 
 _PREFIX_CACHE_SIZE = 4
@@ -75,6 +75,26 @@ def load_model_and_tokenizer(
         model = PeftModel.from_pretrained(model, adapter)
     model.to(dev).eval()
     return model, tokenizer
+
+
+class _BatchNGramRules:
+    """``NGramRules`` for each row still decoding, as a transformers logits processor
+    (rows leave the batch as they finish, so ``step`` drops them)."""
+
+    def __init__(self, params: SamplingParams, rows: int, token_text: TokenText) -> None:
+        self.rows = [
+            NGramRules(params.no_repeat_ngram_size, params.ngram_penalties, token_text)
+            for _ in range(rows)
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return apply_rules(scores, enumerate(self.rows))
+
+    def step(self, tokens: list[int], still: list[int]) -> None:
+        """Each active row's new token, then only the rows at positions ``still`` remain."""
+        for rules, token in zip(self.rows, tokens, strict=True):
+            rules.feed([token])
+        self.rows = [self.rows[k] for k in still]
 
 
 @dataclass
@@ -117,6 +137,7 @@ class HFBackend(Backend):
         )
         self.eos_ids = self._eos_ids()
         self.head_ids = self._special_head()
+        self.token_text = token_texts(tokenizer)
         self._prefix_caches: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
 
     # -- tokenization -------------------------------------------------------------------
@@ -149,7 +170,18 @@ class HFBackend(Backend):
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]
             return [], list(ids)
-        return self.head_ids + self.encode(request.prefix), self.encode(request.prompt)
+        if not request.prefix:
+            return list(self.head_ids), self.encode(request.prompt)
+        # The model sees the tokens of the joined text: tokenized apart, a SentencePiece
+        # tokenizer (Llama-2, Mistral) starts the prompt with a word-boundary marker that
+        # the joined text never has, and a merge may cross the boundary. The shared part is
+        # the run of joined tokens the prefix's own tokens agree with (usually all of them).
+        shared = self.head_ids + self.encode(request.prefix)
+        joined = self.head_ids + self.encode(request.prefix + request.prompt)
+        n = 0
+        while n < min(len(shared), len(joined)) and shared[n] == joined[n]:
+            n += 1
+        return joined[:n], joined[n:]
 
     # -- prefix cache -------------------------------------------------------------------
     @torch.no_grad()
@@ -230,17 +262,23 @@ class HFBackend(Backend):
             self.stats.completion_tokens += r.completion_tokens
         return results  # type: ignore[return-value]
 
-    def _processors(self, params: SamplingParams) -> LogitsProcessorList:
+    def _processors(
+        self, params: SamplingParams, rows: int
+    ) -> tuple[LogitsProcessorList, _BatchNGramRules | None]:
+        """The warping chain; the n-gram rules (also returned: they follow the rows) see
+        logits after the repetition penalty and before temperature."""
         procs = LogitsProcessorList()
+        ngram = None
         if params.repetition_penalty != 1.0:
             procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if params.no_repeat_ngram_size > 0:
-            procs.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
+        if params.no_repeat_ngram_size > 0 or params.ngram_penalties:
+            ngram = _BatchNGramRules(params, rows, self.token_text)
+            procs.append(ngram)
         if params.temperature > 0:
             procs.append(TemperatureLogitsWarper(params.temperature))
             if params.top_p < 1.0:
                 procs.append(TopPLogitsWarper(params.top_p))
-        return procs
+        return procs, ngram
 
     def _bias(self, params: SamplingParams, vocab: int) -> torch.Tensor | None:
         if not params.logit_bias:
@@ -270,7 +308,7 @@ class HFBackend(Backend):
         )  # fmt: skip
         self.stats.prefill_tokens += int(own_mask.sum())
         logits = out.logits[:, -1, :].float()
-        procs = self._processors(params)
+        procs, ngram = self._processors(params, batch)
         bias = self._bias(params, logits.shape[-1])
         gens = [torch.Generator().manual_seed(r.seed) for r in rows]
         active = list(range(batch))  # rows still decoding, in batch order
@@ -298,6 +336,8 @@ class HFBackend(Backend):
                     row.finish_reason = "stop"
                     continue
                 still.append(k)
+            if ngram is not None:
+                ngram.step(nxt, still)
             if not still:
                 break
             if len(still) < len(active):

@@ -40,7 +40,7 @@ from selfalign.backends.base import (
     first_token_bias,
 )
 from selfalign.backends.hf import HFBackend
-from selfalign.backends.ngram import SIZE_ARG, SKIP_ARG
+from selfalign.backends.ngram import request_args
 from selfalign.errors import InputError
 
 T = TypeVar("T")
@@ -168,8 +168,9 @@ class OpenAIBackend(Backend):
         extra: dict[str, Any] = {}
         if p.repetition_penalty != 1.0:  # not OpenAI's, but vLLM, llama.cpp and TGI read it
             extra["repetition_penalty"] = p.repetition_penalty
-        if p.no_repeat_ngram_size > 0:
-            extra["vllm_xargs"] = self._ngram_args(request)
+        ngram = self._ngram_args(p)
+        if ngram:
+            extra["vllm_xargs"] = ngram
         body: dict[str, Any] = {
             "model": self.model_name,
             "max_tokens": p.max_new_tokens,
@@ -189,27 +190,21 @@ class OpenAIBackend(Backend):
             body["prompt"] = request.prefix + request.prompt
         return body
 
-    def _ngram_args(self, request: GenerationRequest) -> dict[str, int]:
-        """``no_repeat_ngram_size`` for a ``vllm serve`` running our logits processor, with
-        the hf backend's rule: BOS and the shared prefix are not part of the history. The
-        server tokenizes prefix + prompt as one string, so this is exact where the prefix
-        ends at a token boundary (a newline, as the stages' prefixes do)."""
-        if not self.server_no_repeat_ngram:
+    def _ngram_args(self, params: SamplingParams) -> dict[str, Any] | None:
+        """The n-gram rules (``no_repeat_ngram_size``, ``ngram_penalties``) for a ``vllm
+        serve`` running our logits processor, which applies them exactly as the hf backend
+        does (generated tokens only, so the server's own tokenization of the prompt does
+        not matter). Any other server cannot: refused before anything is sent."""
+        args = request_args(params.no_repeat_ngram_size, params.ngram_penalties)
+        if args and not self.server_no_repeat_ngram:
             raise InputError(
-                "no_repeat_ngram_size is not part of the OpenAI API: serve the model with "
-                "`vllm serve ... --logits-processors "
+                "no_repeat_ngram_size and ngram_penalties are not part of the OpenAI API: "
+                "serve the model with `vllm serve ... --logits-processors "
                 "selfalign.backends.vllm_logits:NoRepeatNGram` and set "
-                "`server_no_repeat_ngram: true`, use the hf or vllm backend, or set it to 0",
-                field="no_repeat_ngram_size",
+                "`server_no_repeat_ngram: true`, use the hf or vllm backend, or turn them off",
+                field="server_no_repeat_ngram",
             )
-        if self.tokenizer is None:
-            raise InputError(
-                "no_repeat_ngram_size needs the served model's tokenizer to leave the shared "
-                "prefix out: set `tokenizer` in the backend block",
-                field="tokenizer",
-            )
-        shared, _ = self.request_ids(request)  # the same split the hf and vllm backends use
-        return {SIZE_ARG: request.params.no_repeat_ngram_size, SKIP_ARG: len(shared)}
+        return args
 
     def _token_bias(self, params: SamplingParams) -> dict[str, float]:
         """Bias by text -> by token id (first token of the text, like the hf backend)."""

@@ -27,7 +27,7 @@ from selfalign.backends.base import (
     first_token_bias,
 )
 from selfalign.backends.hf import HFBackend
-from selfalign.backends.ngram import SIZE_ARG, SKIP_ARG
+from selfalign.backends.ngram import request_args
 from selfalign.errors import InputError
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -149,7 +149,7 @@ class VLLMBackend(Backend):
                 self.stats.failures += 1
                 continue
             prompts.append(TokensPrompt(prompt_token_ids=ids))
-            params.append(self._sampling(req.params, req.seed, skip=len(shared)))
+            params.append(self._sampling(req.params, req.seed))
             where.append(i)
         outputs = (
             self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
@@ -178,8 +178,7 @@ class VLLMBackend(Backend):
             self.stats.completion_tokens += r.completion_tokens
         return results  # type: ignore[return-value]
 
-    def _sampling(self, params: SamplingParams, seed: int, skip: int) -> Any:
-        ngram = params.no_repeat_ngram_size
+    def _sampling(self, params: SamplingParams, seed: int) -> Any:
         bias = first_token_bias(params.logit_bias, self.encode)
         return self._vllm.SamplingParams(
             n=1,
@@ -191,7 +190,7 @@ class VLLMBackend(Backend):
             logit_bias=bias or None,
             repetition_penalty=params.repetition_penalty,
             skip_special_tokens=True,
-            extra_args={SIZE_ARG: ngram, SKIP_ARG: skip} if ngram > 0 else None,
+            extra_args=request_args(params.no_repeat_ngram_size, params.ngram_penalties),
         )
 
     # -- scoring ----------------------------------------------------------------------------

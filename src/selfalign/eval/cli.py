@@ -126,11 +126,11 @@ def truthfulqa(
             f"unknown protocol {protocol!r} (lm-eval or dromedary)", field="--protocol"
         )
     load_truthfulqa(data)  # bad data fails before a model is loaded
+    system = _system(system_file) or DROMEDARY_SYSTEM
     with _scoring_backend(model, batch_size, dtype, device) as backend:
         result, rows = evaluate_truthfulqa(
-            backend, data, model=model, protocol=protocol, limit=limit,
-            system=_system(system_file) or DROMEDARY_SYSTEM,
-        )  # fmt: skip
+            backend, data, model=model, protocol=protocol, limit=limit, system=system
+        )
     _details(details, rows)
     _finish(result, out, run_dir)
 
@@ -147,16 +147,18 @@ def hhh(
     details: Annotated[
         Path | None, typer.Option("--details", help="per-pair scores (JSONL)")
     ] = None,
+    system_file: SystemFile = None,
     batch_size: BatchSize = 16,
     dtype: Dtype = "auto",
     device: Device = "auto",
 ) -> None:
     """HHH alignment: pick the better reply, both option orders; accuracy per category."""
-    from selfalign.eval.hhh import evaluate_hhh, load_hhh
+    from selfalign.eval.hhh import HHH_SYSTEM, evaluate_hhh, load_hhh
 
     load_hhh(data)
+    system = _system(system_file) or HHH_SYSTEM  # a missing file fails before the model loads
     with _scoring_backend(model, batch_size, dtype, device) as backend:
-        result, rows = evaluate_hhh(backend, data, model=model, limit=limit)
+        result, rows = evaluate_hhh(backend, data, model=model, limit=limit, system=system)
     _details(details, rows)
     _finish(result, out, run_dir)
 

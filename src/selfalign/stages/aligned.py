@@ -2,37 +2,49 @@
 stage-1 prompt after the principles and exemplars, thinking first; we keep the answers
 whose thoughts have the expected form and that pass the answer checks.
 
-Record: ``{"id", "prompt_id", "prompt", "thoughts", "answer", "principles", "source"}``.
-Every drop keeps the raw output and a reason (see ``REASONS``).
+Prompts are answered in a seeded random order (``max_prompts`` takes the first N of it), so
+a cap samples the self-instruct and the red-team prompts alike.
+
+Record: ``{"id", "prompt_id", "prompt", "source", "type", "thoughts", "answer", "principles",
+"misnamed_rules", "trimmed", "truncated"}``; ``type`` is the red-team type of a TGRT prompt
+(else null). ``trimmed``: a repeat loop was cut off the answer; ``truncated``: the token
+limit stopped the answer (cut back to its last complete sentence when it stopped mid-way).
+In both cases the model did not end the answer where the record does, so training may leave
+out the end marker. Every drop keeps the raw output and a reason (see ``REASONS``); a leak
+also names the text it copies (``leak_source``).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from selfalign.annotations.principles import Annotations, load_annotations
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.config import ConfigPath, StageConfig
+from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
 from selfalign.pipeline import Batch, StageContext, stage
 from selfalign.stages.prompts import prompt_text
-from selfalign.stages.training import DEFAULT_ASSISTANT_NAME
 from selfalign.store import record_id
 from selfalign.text.answers import (
-    DEFAULT_REFUSAL_OPENERS,
+    REFUSAL_OPENERS,
     LeakDetector,
-    has_repeated_clause,
+    complete_prefix,
+    echoes,
+    first_repeat,
     is_truncated,
     starts_with_refusal,
 )
 from selfalign.text.thoughts import (
+    RULES_LEAD,
     STOP,
     StagePrompt,
+    Thoughts,
     citation,
     fill,
     parse_thoughts,
@@ -44,21 +56,35 @@ from selfalign.text.thoughts import (
 # Why an output was dropped, in the order the checks run.
 REASONS = (
     "no_thoughts",  # the output does not start with thoughts
-    "bad_thoughts_form",  # thoughts not as the exemplars show them
+    "bad_thoughts_form",  # no self-description, analysis or rule number in the thoughts
     "no_answer",  # no answer turn, or an empty one
     "refusal",  # the answer opens with a refusal template
-    "leaked_exemplar",  # the answer copies in-context prompt text
-    "repeated_clause",  # the same clause twice
-    "truncated",  # token limit hit mid-sentence
+    "leaked_exemplar",  # the answer copies in-context prompt text or its own thoughts
+    "repeated_clause",  # the same clause twice (on_repeat: drop)
+    "truncated",  # token limit hit mid-sentence (on_truncated: drop, or nothing complete)
+    "too_short",  # under min_chars once trimmed
 )
+OWN_THOUGHTS = "own thoughts"  # leak_source of an answer that repeats its thoughts
+
+
+def _openers(value: str | list[str]) -> str | list[str]:
+    if isinstance(value, str) and value not in REFUSAL_OPENERS:
+        raise ValueError(f"must be one of {', '.join(REFUSAL_OPENERS)} or a list of openers")
+    return value
 
 
 class AlignedConfig(StageConfig):
     principles: ConfigPath | None = Field(None, description="principles YAML (default: shipped)")
     exemplars: ConfigPath | None = Field(None, description="exemplars YAML (default: shipped)")
-    assistant_name: str = Field("Kestrel", min_length=1, description="name used while generating")
+    RUN_NAME_FIELD = "final_name"
+
+    generation_name: str = Field(
+        "Kestrel", min_length=1, description="code name used while generating, then replaced"
+    )
     final_name: str = Field(
-        DEFAULT_ASSISTANT_NAME, min_length=1, description="replaces it in the kept answers"
+        DEFAULT_ASSISTANT_NAME,
+        min_length=1,
+        description="replaces it in the kept answers (from the run's assistant_name)",
     )
     knowledge_cutoff: str = Field("2023", min_length=1, description="stated in the header")
     temperature: float = Field(0.5, ge=0)
@@ -66,18 +92,73 @@ class AlignedConfig(StageConfig):
     max_new_tokens: int = Field(256, ge=1)
     # Text -> bias on its first token (the paper discourages "Sorry"); {} turns it off.
     refusal_bias: dict[str, float] = Field(default_factory=lambda: {"Sorry": -100.0})
-    refusal_openers: list[str] = Field(default_factory=lambda: list(DEFAULT_REFUSAL_OPENERS))
+    refusal_openers: Annotated[str | list[str], AfterValidator(_openers)] = Field(
+        "apology",
+        description="answers opening with these are dropped: 'apology' (Sorry, I'm sorry, "
+        "I apologize...), 'broad' (also 'As an AI...', 'I cannot provide...', 'I won't...', "
+        "'Unfortunately, I...'; see answers.BROAD_REFUSAL_OPENERS) or your own list",
+    )
     leak_ngram: int = Field(
-        8, ge=0, description="words copied from the prompt that count as a leak; 0 = off"
+        8,
+        ge=0,
+        description="words copied in a row from the prompt that count as a leak; 0 turns "
+        "the leak checks off (the one for answers repeating their own thoughts too)",
     )
     min_clause_words: int = Field(4, ge=1, description="shortest clause the repeat check considers")
-    max_prompts: int | None = Field(None, ge=1, description="answer only the first N prompts")
+    on_repeat: Literal["trim", "drop"] = Field(
+        "trim", description="a clause repeated: cut the answer before the repeat, or drop it"
+    )
+    on_truncated: Literal["trim", "drop"] = Field(
+        "trim",
+        description="token limit hit mid-sentence: cut back to the last complete sentence, "
+        "or drop the answer",
+    )
+    min_chars: int = Field(
+        160, ge=0, description="shortest answer kept, in characters, after trimming; 0 = off"
+    )
+    max_prompts: int | None = Field(
+        None, ge=1, description="answer only N prompts, the first N of a seeded random order"
+    )
     chunk_size: int = Field(64, ge=1, description="prompts per committed batch")
 
 
 def annotation_files(cfg: AlignedConfig) -> list[Path]:
     """The principles and exemplars in use (validated now, so bad files fail at plan time)."""
     return load_annotations(cfg.principles, cfg.exemplars).files
+
+
+def leak_sources(prompt: StagePrompt) -> dict[str, str]:
+    """Every text of the in-context prompt an answer could copy, by a name for the report."""
+    a = prompt.annotations
+    sources: dict[str, str] = {}
+    for k, (ex, (user, _, answer)) in enumerate(
+        zip(a.exemplars, prompt.exemplar_turns(), strict=True), 1
+    ):
+        covers = f": {ex.covers}" if ex.covers else ""
+        rules = f"{RULES_LEAD} {citation(ex.rules, a)}."
+        sources |= {
+            f"exemplar {k} answer{covers}": answer,
+            f"exemplar {k} thoughts{covers}": f"{prompt.fill(ex.analysis)} {rules}",
+            f"exemplar {k} question{covers}": user,
+        }
+    sources["self-description"] = prompt.self_description
+    for i, p in enumerate(a.principles, 1):
+        sources[f"principle {i} ({p.name})"] = prompt.fill(p.text)
+    sources["header"] = prompt.fill(a.header)
+    return sources
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``reason`` is "kept" or one of REASONS; ``fields`` are the kept record's fields, or
+    details of a drop (``leak_source``)."""
+
+    reason: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def kept(self) -> bool:
+        return self.reason == "kept"
 
 
 @dataclass
@@ -89,11 +170,10 @@ class Judge:
 
     def __post_init__(self) -> None:
         a = self.prompt.annotations
-        texts = [self.prompt.self_description, *(p.text for p in a.principles)]
-        for user, thoughts, answer in self.prompt.exemplar_turns():
-            texts += [user, thoughts, answer]
-        self.leaks = LeakDetector(texts, self.cfg.leak_ngram)
-        self._rename = re.compile(rf"\b{re.escape(self.cfg.assistant_name)}\b")
+        self.leaks = LeakDetector(leak_sources(self.prompt), self.cfg.leak_ngram)
+        openers = self.cfg.refusal_openers
+        self.openers = REFUSAL_OPENERS[openers] if isinstance(openers, str) else openers
+        self._rename = re.compile(rf"\b{re.escape(self.cfg.generation_name)}\b")
         self._final_self = fill(a.self_description, self.cfg.final_name, self.prompt.cutoff)
 
     def rename(self, text: str, query: str) -> str:
@@ -103,50 +183,126 @@ class Judge:
             return text
         return self._rename.sub(self.cfg.final_name, text)
 
-    def __call__(self, result: GenerationResult, query: str) -> tuple[dict[str, Any] | None, str]:
+    def leak_source(self, answer: str, thoughts: Thoughts, query: str) -> str | None:
+        """What the answer copies: its own thoughts (a base model often repeats them as the
+        answer), or a text of the in-context prompt."""
+        if self.cfg.leak_ngram and echoes(answer, thoughts.text, query):
+            return OWN_THOUGHTS
+        return self.leaks.source(answer, query)
+
+    def trim(self, answer: str, finish_reason: str, answer_cut: bool) -> Verdict:
+        """The repeat and length policies: the answer to keep, cut where they say, with its
+        ``trimmed`` and ``truncated`` flags; or a drop."""
+        repeat = first_repeat(answer, self.cfg.min_clause_words)
+        if repeat is not None:
+            if self.cfg.on_repeat == "drop":
+                return Verdict("repeated_clause")
+            kept = complete_prefix(answer[:repeat])
+            return Verdict("kept", {"answer": kept, "trimmed": True, "truncated": False})
+        hit_limit = finish_reason == "length" and not answer_cut
+        if hit_limit and is_truncated(answer, finish_reason):
+            answer = complete_prefix(answer) if self.cfg.on_truncated == "trim" else ""
+            if not answer:
+                return Verdict("truncated")
+        return Verdict("kept", {"answer": answer, "trimmed": False, "truncated": hit_limit})
+
+    def __call__(self, result: GenerationResult, query: str) -> Verdict:
         self_description = self.prompt.self_description
         split = split_generation(result.text)
         if not split.thoughts:
-            return None, "no_thoughts"
+            return Verdict("no_thoughts")
         if split.answer is None:
             if starts_with_self_description(split.thoughts, self_description):
-                return None, "no_answer"
-            return None, "no_thoughts"
+                return Verdict("no_answer")
+            return Verdict("no_thoughts")
         thoughts = parse_thoughts(split.thoughts, self_description, self.prompt.annotations)
         if thoughts is None:
-            return None, "bad_thoughts_form"
-        answer = split.answer
-        if not answer:
-            return None, "no_answer"
-        if starts_with_refusal(answer, self.cfg.refusal_openers):
-            return None, "refusal"
-        if self.leaks.leaks(answer, query):
-            return None, "leaked_exemplar"
-        if has_repeated_clause(answer, self.cfg.min_clause_words):
-            return None, "repeated_clause"
-        if not split.answer_cut and is_truncated(answer, result.finish_reason):
-            return None, "truncated"
-        return {
+            return Verdict("bad_thoughts_form")
+        if not split.answer:
+            return Verdict("no_answer")
+        if starts_with_refusal(split.answer, self.openers):
+            return Verdict("refusal")
+        leak = self.leak_source(split.answer, thoughts, query)
+        if leak is not None:
+            return Verdict("leaked_exemplar", {"leak_source": leak})
+        trimmed = self.trim(split.answer, result.finish_reason, split.answer_cut)
+        if not trimmed.kept:
+            return trimmed
+        cut = trimmed.fields
+        if len(cut["answer"]) < self.cfg.min_chars:
+            return Verdict("too_short")
+        return Verdict("kept", {
             "thoughts": render_thoughts(
                 self._final_self,
                 self.rename(thoughts.analysis, query),
                 citation(thoughts.principles, self.prompt.annotations),
             ),
-            "answer": self.rename(answer, query),
+            "answer": self.rename(cut["answer"], query),
             "principles": thoughts.principles,
-        }, "kept"
+            "misnamed_rules": thoughts.misnamed,
+            "trimmed": cut["trimmed"],
+            "truncated": cut["truncated"],
+        })  # fmt: skip
 
 
 def build(cfg: AlignedConfig) -> tuple[StagePrompt, Judge]:
     annotations: Annotations = load_annotations(cfg.principles, cfg.exemplars)
-    prompt = StagePrompt(annotations, cfg.assistant_name, cfg.knowledge_cutoff)
+    prompt = StagePrompt(annotations, cfg.generation_name, cfg.knowledge_cutoff)
     return prompt, Judge(prompt, cfg)
 
 
 def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict[str, Any]:
-    """Principle-usage histogram of the kept answers (every principle, zeros included)."""
+    """Principle usage, kept-answer shape, refusals per prompt source and red-team type,
+    and leaks per copied source."""
     annotations = load_annotations(ctx.config.principles, ctx.config.exemplars)
-    return principle_usage(records, annotations)
+    leaks = Counter(d.get("leak_source") for d in dropped if d["reason"] == "leaked_exemplar")
+    rows = [*records, *dropped]
+    return {
+        **principle_usage(records, annotations),
+        **answer_stats(records),
+        "refusals": {
+            "by_source": refusal_counts(rows, "source"),
+            "by_type": refusal_counts(rows, "type"),
+        },
+        "leak_sources": dict(sorted(leaks.items(), key=lambda kv: (-kv[1], str(kv[0])))),
+    }
+
+
+def _percentile(values: list[int], q: float) -> int:
+    """Nearest-rank percentile of sorted ``values``."""
+    return values[max(0, math.ceil(q * len(values)) - 1)]
+
+
+def answer_stats(records: list[dict]) -> dict[str, Any]:
+    """Shares of kept answers that were trimmed (a repeat cut off), truncated (token limit),
+    or cite a rule by a wrong name; the kept answers' length in characters."""
+    n = len(records)
+
+    def share(key: str) -> float:
+        return round(sum(1 for r in records if r.get(key)) / n, 3) if n else 0.0
+
+    chars = sorted(len(r["answer"]) for r in records)
+    lengths = {"mean": round(sum(chars) / n, 1)} if n else {}
+    lengths |= {f"p{q}": _percentile(chars, q / 100) for q in (10, 50, 90)} if n else {}
+    return {
+        "trimmed_share": share("trimmed"),
+        "truncated_share": share("truncated"),
+        "misnamed_share": share("misnamed_rules"),
+        "answer_chars": lengths,
+    }
+
+
+def refusal_counts(rows: list[dict], key: str) -> dict[str, dict[str, int]]:
+    """``{value of key: {"prompts": n, "refused": k}}`` over kept and dropped rows that
+    have ``key`` (the prompt's ``source``; ``type`` for red-team prompts)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in sorted(rows, key=lambda r: str(r.get(key))):
+        if r.get(key) is None:
+            continue
+        counts = out.setdefault(str(r[key]), {"prompts": 0, "refused": 0})
+        counts["prompts"] += 1
+        counts["refused"] += r.get("reason") == "refusal"
+    return out
 
 
 def principle_usage(records: list[dict], annotations: Annotations) -> dict[str, Any]:
@@ -158,6 +314,21 @@ def principle_usage(records: list[dict], annotations: Annotations) -> dict[str, 
         "principle_names": {str(i): p.name for i, p in numbered},
         "principles_per_answer": round(sum(counts.values()) / len(records), 3) if records else 0.0,
     }
+
+
+def answer_order(
+    prompts: list[dict[str, Any]], ctx: StageContext, cap: int | None
+) -> dict[str, tuple[dict[str, Any], str]]:
+    """Record id -> (prompt record, query) for the prompts to answer, in a seeded random
+    order, the first ``cap`` of it. Stage 1 writes every self-instruct prompt before the
+    TGRT ones, so a cap over the file order would leave out all red-team prompts; the order
+    depends only on the run seed and the ids, so a resumed run sees the same chunks."""
+    items: dict[str, tuple[dict[str, Any], str]] = {}
+    for p in prompts:
+        query = prompt_text(p)
+        items.setdefault(record_id(p["id"], query), (p, query))
+    order = sorted(items, key=lambda i: (ctx.seed_for("order", i), i))
+    return {i: items[i] for i in order[:cap]}
 
 
 def _check_bias(ctx: StageContext, cfg: AlignedConfig) -> None:
@@ -193,10 +364,7 @@ def run_aligned(ctx: StageContext):
         stop=STOP,
         logit_bias=dict(cfg.refusal_bias),
     )
-    items: dict[str, tuple[dict[str, Any], str]] = {}
-    for p in ctx.inputs("prompts")[: cfg.max_prompts]:
-        query = prompt_text(p)
-        items.setdefault(record_id(p["id"], query), (p, query))
+    items = answer_order(ctx.inputs("prompts"), ctx, cfg.max_prompts)
     ctx.set_total(len(items))
     ids = list(items)
     if any(i not in ctx.done_ids for i in ids):
@@ -218,14 +386,15 @@ def run_aligned(ctx: StageContext):
         batch = Batch()
         for rid, result in zip(todo, ctx.backend().generate(requests), strict=True):
             source, query = items[rid]
-            base = {"id": rid, "prompt_id": source["id"], "prompt": query}
+            base = {"id": rid, "prompt_id": source["id"], "prompt": query,
+                    "source": source.get("source"), "type": source.get("type")}  # fmt: skip
             if result.error is not None:
                 batch.failed.append((base, result.error))
                 continue
-            fields, reason = judge(result, query)
-            if fields is None:
-                out = {**base, "output": result.text, "finish_reason": result.finish_reason}
-                batch.drop.append((out, reason))
+            verdict = judge(result, query)
+            if verdict.kept:
+                batch.keep.append({**base, **verdict.fields})
             else:
-                batch.keep.append({**base, **fields, "source": source.get("source")})
+                out = {**base, "output": result.text, "finish_reason": result.finish_reason}
+                batch.drop.append(({**out, **verdict.fields}, verdict.reason))
         yield batch

@@ -8,14 +8,14 @@ tokenizer with our chat template, merged weights under ``merged/`` when asked).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 from pydantic import Field
 
-from selfalign.config import StageConfig
+from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
 from selfalign.pipeline import Batch, StageContext, stage
 from selfalign.stages.training import (
-    DEFAULT_ASSISTANT_NAME,
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
@@ -26,11 +26,25 @@ from selfalign.train.config import TrainConfig
 
 
 class EngraveConfig(StageConfig):
-    assistant_name: str = DEFAULT_ASSISTANT_NAME
+    RUN_NAME_FIELD = "assistant_name"
+
+    assistant_name: str = Field(DEFAULT_ASSISTANT_NAME, description="from the run's assistant_name")
     system_text: str = Field(PLAIN_SYSTEM_TEXT, description="'{name}' is replaced")
     train: TrainConfig = Field(default_factory=TrainConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-    max_examples: int | None = Field(None, gt=0, description="train on the first N pairs only")
+    max_examples: int | None = Field(
+        None, gt=0, description="train on N pairs drawn at random (run seed) from all of them"
+    )
+
+
+def training_pairs(records: list[dict], max_examples: int | None, seed: int) -> list[dict]:
+    """Stage 2's (prompt, answer) pairs. A cap draws a seeded sample, not the head of the
+    file, whose order is stage 2's working order (self-instruct before TGRT, say): the
+    first N could hold no red-team pair at all."""
+    pairs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in records]
+    if max_examples is not None and max_examples < len(pairs):
+        pairs = random.Random(seed).sample(pairs, max_examples)
+    return pairs
 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
@@ -40,9 +54,7 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
 @stage("engraved", config=EngraveConfig, inputs=("aligned",), summarize=_summary)
 def run_engrave(ctx: StageContext) -> Iterator[Batch]:
     cfg: EngraveConfig = ctx.config  # type: ignore[assignment]
-    pairs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ctx.inputs("aligned")]
-    if cfg.max_examples:
-        pairs = pairs[: cfg.max_examples]
+    pairs = training_pairs(ctx.inputs("aligned"), cfg.max_examples, ctx.seed_for("max_examples"))
     if not pairs:
         raise RuntimeError("stage 2 kept no (prompt, answer) pairs: nothing to engrave")
     ctx.set_total(len(pairs))

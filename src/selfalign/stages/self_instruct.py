@@ -1,9 +1,11 @@
 """The Self-Instruct bootstrap loop (stage 1, first generator).
 
-Each round: for every request, sample ``num_examples`` tasks from the pool (seeds plus
-everything kept so far), show them as a numbered list, let the model continue the list;
-parse the continuations, filter the items (structure, length, start, blacklist), then
-the ROUGE-L near-duplicate filter, in request and item order. Kept items join the pool.
+Each round: for every request, sample ``num_examples`` tasks (from the human seeds by
+default; ``example_source``), show them as a numbered list whose tasks each end with a
+``###`` line (``selfalign.text.parsing``), let the model continue the list; parse the
+continuations, filter the items (structure, completeness, length, start, blacklist), then
+the ROUGE-L near-duplicate filter against the whole pool (seeds and every kept task), in
+request and item order. Kept items join the pool.
 
 Resume: the round is the unit. After the runner has committed a round's batch, the
 round is marked in ``rounds.jsonl``; on start the pool is rebuilt from the kept records
@@ -17,7 +19,7 @@ import math
 import random
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -41,7 +43,7 @@ HEADER = (
     "varied as possible (writing, editing, coding, math, advice, planning, sorting things "
     "into categories, pulling facts out of a text, explaining, brainstorming) and each one "
     "can be done by replying in text alone. A task that needs material to work on gives it "
-    "on an Input line.\n"
+    "after Input: (it may run over several lines), and a ### line closes every task.\n"
 )
 
 
@@ -51,7 +53,22 @@ class SelfInstructConfig(StrictModel):
     enabled: bool = True
     seed_tasks: ExistingPath | None = Field(None, description="default: the shipped seeds")
     num_prompts: int = Field(268_000, ge=0, description="stop once this many are kept")
-    num_examples: int = Field(5, ge=1, description="pool tasks shown per request")
+    num_examples: int = Field(5, ge=1, description="tasks shown per request")
+    example_source: Literal["seeds", "pool", "mixed"] = Field(
+        "seeds",
+        description=(
+            "where the shown tasks come from. seeds: only the human seed tasks, as the "
+            "reference implementation does (default): every request sees well-formed, "
+            "varied, human-written examples, so the model's own mistakes and drift are "
+            "not fed back to it. pool: seeds plus every task kept so far (a plain reading "
+            "of the paper; more novelty, more drift). mixed: machine_examples kept machine "
+            "tasks (while there are any) and the rest seeds, as the original Self-Instruct "
+            "did. Near-duplicates are checked against the whole pool in every case."
+        ),
+    )
+    machine_examples: int = Field(
+        2, ge=0, description="mixed: kept machine tasks among the num_examples shown"
+    )
     requests_per_round: int = Field(32, ge=1)
     max_rounds: int | None = Field(
         None, ge=0, description="cap; default 10 * ceil(num_prompts / requests_per_round)"
@@ -78,6 +95,7 @@ class Pool:
     ids: list[str] = field(default_factory=list)
     tasks: list[tuple[str, str]] = field(default_factory=list)  # (instruction, input)
     dedup: NearDuplicateFilter = field(default_factory=NearDuplicateFilter)
+    n_seeds: int = 0  # the first n_seeds tasks are the human seeds, the rest machine tasks
 
     def add(self, task_id: str, instruction: str, input_text: str) -> None:
         self.ids.append(task_id)
@@ -86,12 +104,26 @@ class Pool:
 
 
 def build_pool(seeds: Sequence[SeedTask], kept: Sequence[dict[str, Any]], threshold: float) -> Pool:
-    pool = Pool(dedup=NearDuplicateFilter(threshold))
+    pool = Pool(dedup=NearDuplicateFilter(threshold), n_seeds=len(seeds))
     for s in seeds:
         pool.add(s.id, s.instruction, s.input)
     for r in kept:
         pool.add(r["id"], r["instruction"], r["input"])
     return pool
+
+
+def pick_examples(pool: Pool, cfg: SelfInstructConfig, rng: random.Random) -> list[int]:
+    """Pool indices of the tasks one request shows (``cfg.example_source``)."""
+    seeds, machine = range(pool.n_seeds), range(pool.n_seeds, len(pool.ids))
+    if cfg.example_source == "pool":
+        return rng.sample(range(len(pool.ids)), min(cfg.num_examples, len(pool.ids)))
+    if cfg.example_source == "seeds":
+        return rng.sample(seeds, min(cfg.num_examples, len(seeds)))
+    n_machine = min(cfg.machine_examples, cfg.num_examples, len(machine))
+    picks = rng.sample(machine, n_machine)
+    picks += rng.sample(seeds, min(cfg.num_examples - n_machine, len(seeds)))
+    rng.shuffle(picks)  # machine tasks are not always shown last, nearest the new item
+    return picks
 
 
 def round_requests(
@@ -102,12 +134,12 @@ def round_requests(
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         top_p=cfg.top_p,
-        stop=("\n\n", f"\n{cfg.max_list_number + 1}."),
+        stop=(f"\n{cfg.max_list_number + 1}.",),  # keeps the separator closing the last item
     )
     out = []
     for k in range(cfg.requests_per_round):
         rng = random.Random(seed_for(SOURCE, "examples", round_no, k))
-        picks = rng.sample(range(len(pool.ids)), min(cfg.num_examples, len(pool.ids)))
+        picks = pick_examples(pool, cfg, rng)
         prompt, first = list_prompt(HEADER, [pool.tasks[i] for i in picks])
         request = GenerationRequest(prompt, params=params, seed=seed_for(SOURCE, round_no, k))
         out.append((request, [pool.ids[i] for i in picks], first))

@@ -7,8 +7,9 @@
    ``prompts/topics.jsonl``. Each round is marked in ``rounds.jsonl`` once committed; a
    resumed run rebuilds the topic lists from marked rounds and redoes the first
    unmarked one (same seeds, same outputs).
-2. Balance: cut every type to the smallest type's count (and to the target); the cut
-   topics are dropped as ``unbalanced`` (or ``over_target``).
+2. Balance: cut every type's brainstormed topics to the smallest type's count (and to the
+   target); the cut topics are dropped as ``unbalanced`` (or ``over_target``). The seeds'
+   own topics are examples only: they neither count nor get questions.
 3. Questions: one request per new (type, topic): seed examples (one of the type's own
    seeds plus others) and the new pair; the first line the model writes is the question.
    A pair is independent of the others, so resume just skips finished pair ids.
@@ -132,7 +133,7 @@ def run_topic_rounds(
     )
     round_no = next_round
     while round_no < cfg.topic_rounds:
-        need = [t for t, entries in topics.items() if len(entries) < cfg.topics_per_type]
+        need = [t for t, e in topics.items() if len(machine_topics(e)) < cfg.topics_per_type]
         if not need:
             break
         work = []
@@ -194,10 +195,17 @@ def run_topic_rounds(
     return topics
 
 
+def machine_topics(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The brainstormed topics (a seed's own topic has round -1: shown, never asked)."""
+    return [e for e in entries if e["round"] >= 0]
+
+
 def balance(
     topics: dict[str, list[dict[str, Any]]], target: int
 ) -> tuple[dict[str, list[dict[str, Any]]], Batch]:
-    """Cut every type to min(smallest type's count, target); cut topics are drops."""
+    """Cut every type's brainstormed topics to min(smallest type's count, target); cut
+    topics are drops. Seed topics neither count nor get questions."""
+    topics = {kind: machine_topics(entries) for kind, entries in topics.items()}
     n = min(min(len(v) for v in topics.values()), target)
     reason = "over_target" if n == target else "unbalanced"
     batch = Batch()
@@ -246,7 +254,7 @@ def run_questions(
     seeds: Sequence[RedTeamSeed],
     topics: dict[str, list[dict[str, Any]]],
 ) -> Iterator[Batch]:
-    pairs = [e for entries in topics.values() for e in entries if e["round"] >= 0]
+    pairs = [e for entries in topics.values() for e in machine_topics(entries)]
     todo = [e for e in pairs if question_id(e["type"], e["topic"]) not in ctx.done_ids]
     params = SamplingParams(
         max_new_tokens=cfg.question_max_new_tokens,

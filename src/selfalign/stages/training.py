@@ -21,7 +21,6 @@ from selfalign.store import JsonlLog, atomic_write_text
 from selfalign.train.config import TrainConfig
 from selfalign.train.export import TRAIN_LOG
 
-DEFAULT_ASSISTANT_NAME = "Sable"
 PLAIN_SYSTEM_TEXT = (
     "You are {name}, an AI assistant. You are helpful, honest and careful: you answer "
     "what you know, say what you do not, and decline what would cause harm."
@@ -48,8 +47,9 @@ def base_model_dir(spec: str) -> Path:
 def training_summary(model_dir: Path) -> dict[str, Any]:
     """The manifest's view of ``model_dir/train_log.json`` (loss history left out)."""
     log = json.loads((model_dir / TRAIN_LOG).read_text(encoding="utf-8"))
-    keep = ("method", "global_step", "examples", "dropped", "final_loss", "runtime_s",
-            "resumed_from", "processes")  # fmt: skip
+    keep = ("method", "global_step", "examples", "dropped", "truncated", "global_batch",
+            "optimizer_steps", "warmup_steps", "final_loss", "runtime_s", "resumed_from",
+            "processes", "warnings")  # fmt: skip
     return {k: log[k] for k in keep if k in log}
 
 

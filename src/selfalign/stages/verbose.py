@@ -1,27 +1,33 @@
 """SELF-ALIGN stage 4, verbose cloning (context distillation).
 
-The engraved model, prompted with a system text that asks for thorough answers, answers
-every stage-2 prompt; the answers are cleaned and filtered (each drop counted by reason);
-then a fresh LoRA on the *base* model learns to give those answers from the plain system
-text alone. The final assistant is ``verbose/model`` (merged weights: plain
-``from_pretrained``, ``vllm serve``).
+The engraved model (the teacher), prompted with a system text that asks for thorough
+answers and one long in-context answer in that style (``annotations/verbose_exemplar.yaml``),
+answers every stage-1 prompt (as the reference implementation does: refused and truncated
+prompts of stage 2 included; ``prompts_from: aligned`` limits it to stage 2's kept ones).
+The answers are cleaned and filtered (each drop counted by reason); then a fresh LoRA on
+the *base* model learns to give those answers from the plain system text alone. The final
+assistant is ``verbose/model`` (merged weights: plain ``from_pretrained``, ``vllm serve``).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from selfalign.annotations import ANNOTATIONS_DIR
+from selfalign.annotations.principles import Prose, validate_file
 from selfalign.backends import BackendConfig, GenerationRequest, SamplingParams
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
-from selfalign.config import StageConfig
+from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
 from selfalign.errors import InputError
 from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.stages.prompts import prompt_text
 from selfalign.stages.training import (
-    DEFAULT_ASSISTANT_NAME,
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
@@ -30,28 +36,67 @@ from selfalign.stages.training import (
 )
 from selfalign.store import record_id
 from selfalign.text.answers import is_truncated, words
+from selfalign.text.thoughts import THOUGHTS_TAG
 from selfalign.train.config import TrainConfig
 from selfalign.train.export import merge_adapter
 
+DEFAULT_VERBOSE_EXEMPLAR = ANNOTATIONS_DIR / "verbose_exemplar.yaml"
 VERBOSE_SYSTEM_TEXT = (
     "You are {name}, an AI assistant who gives complete, well-organised answers. Explain "
     "your reasoning, cover the relevant sides of the question, use lists or steps where "
     "they help, and add a short example when it makes the answer clearer. Stay accurate "
     "and say plainly when you are unsure."
 )
+MIN_LENGTH_RATIO = 1.3  # below this the teacher is barely more verbose than stage 2
 _SENTENCE = re.compile(r"(?<=[.!?])[ \t]+")
-_TURN_TAG = re.compile(r"\n*(?:" + re.escape(USER_TAG) + "|" + re.escape(ASSISTANT_TAG) + r"|### )")
+_TURN_TAGS = (USER_TAG, ASSISTANT_TAG, THOUGHTS_TAG)
+_FENCE = "```"
+
+
+class VerboseExemplar(BaseModel):
+    """The teacher's in-context conversation turn pair, in the verbose style."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: Prose
+    answer: Prose
+
+
+def load_exemplar(path: Path | None) -> VerboseExemplar:
+    return validate_file(VerboseExemplar, Path(path or DEFAULT_VERBOSE_EXEMPLAR))
+
+
+NGramPenalties = dict[Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0)]]
 
 
 class VerboseConfig(StageConfig):
-    assistant_name: str = DEFAULT_ASSISTANT_NAME
+    prompts_from: Literal["prompts", "aligned"] = Field(
+        "prompts",
+        description="what the teacher answers: every stage-1 prompt (the reference "
+        "implementation), or only the prompts whose stage-2 answer was kept",
+    )
+    max_prompts: int | None = Field(None, ge=1, description="answer only the first N prompts")
+    RUN_NAME_FIELD = "assistant_name"
+
+    assistant_name: str = Field(DEFAULT_ASSISTANT_NAME, description="from the run's assistant_name")
     verbose_system_text: str = Field(VERBOSE_SYSTEM_TEXT, description="the teacher's prompt")
+    exemplar: ConfigPath | None = Field(
+        None,
+        description="YAML with the teacher's in-context turn pair (user, answer); "
+        "default: the shipped verbose_exemplar.yaml",
+    )
     system_text: str = Field(PLAIN_SYSTEM_TEXT, description="what the student sees")
     temperature: float = Field(0.3, ge=0)
     top_p: float = Field(0.7, gt=0, le=1)
     max_new_tokens: int = Field(512, gt=0)
-    # Our choice for the paper's "n-gram repetition penalty": no 6-gram may repeat.
-    no_repeat_ngram_size: int = Field(6, ge=0)
+    ngram_penalties: NGramPenalties = Field(
+        default_factory=lambda: {3: 1.0, 4: 2.0},
+        description="n -> p: a token's logit drops by p times the number of times the n-gram "
+        "it would complete was already generated (generated tokens only; fenced code exempt)",
+    )
+    no_repeat_ngram_size: int = Field(
+        0, ge=0, description="ban repeating any n-gram of the generated tokens; 0 = off"
+    )
     repetition_penalty: float = Field(1.0, gt=0)
     min_words: int = Field(8, ge=1, description="shorter answers are dropped")
     batch_size: int = Field(16, gt=0, description="prompts sent to the backend at once")
@@ -59,13 +104,41 @@ class VerboseConfig(StageConfig):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+def annotation_files(cfg: VerboseConfig) -> list[Path]:
+    """The exemplar in use (validated now, so a bad file fails at plan time)."""
+    load_exemplar(cfg.exemplar)
+    return [Path(cfg.exemplar or DEFAULT_VERBOSE_EXEMPLAR)]
+
+
+def _fence_line(line: str) -> bool:
+    return line.lstrip().startswith(_FENCE)
+
+
+def cut_at_turn(text: str) -> str:
+    """The text before the first line that opens one of our turns (user, assistant,
+    thoughts) outside a code fence. Markdown headings and ``###`` comments in code stay."""
+    lines = text.split("\n")
+    in_code = False
+    for i, line in enumerate(lines):
+        if _fence_line(line):
+            in_code = not in_code
+        elif not in_code and line.lstrip().startswith(_TURN_TAGS):
+            return "\n".join(lines[:i])
+    return text
+
+
 def clean_answer(text: str) -> str:
-    """Cut at any turn marker, then drop sentences (of 4+ words) that repeat an earlier one.
-    Line breaks are kept, so lists and code keep their layout."""
-    text = _TURN_TAG.split(text, maxsplit=1)[0].strip()
+    """Cut at the next turn, then drop sentences (of 4+ words) that repeat an earlier one.
+    Line breaks are kept, so lists and code keep their layout; code is never deduplicated."""
     seen: set[str] = set()
     lines = []
-    for line in text.split("\n"):
+    in_code = False
+    for line in cut_at_turn(text).strip().split("\n"):
+        if _fence_line(line):
+            in_code = not in_code
+        if in_code or _fence_line(line):
+            lines.append(line)
+            continue
         kept = []
         for sentence in _SENTENCE.split(line):
             key = " ".join(words(sentence))
@@ -109,6 +182,17 @@ def teacher_backend(ctx: StageContext) -> BackendConfig:
     return run_backend.model_copy(update={"adapter": str(engraved)})
 
 
+def length_ratio(verbose: list[dict], aligned: list[dict]) -> tuple[float, int] | None:
+    """Mean characters of the kept verbose answers over those of the stage-2 answers to the
+    same prompts (only prompts both kept), and how many prompts that is; None if none."""
+    stage2 = {r.get("prompt_id"): r["answer"] for r in aligned if r.get("answer")}
+    pairs = [(r["answer"], stage2[r["prompt_id"]]) for r in verbose if r["prompt_id"] in stage2]
+    shorter = sum(len(b) for _, b in pairs)
+    if not shorter:
+        return None
+    return sum(len(a) for a, _ in pairs) / shorter, len(pairs)
+
+
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
     lengths = sorted(len(words(r["answer"])) for r in records)
     stats = training_summary(
@@ -117,36 +201,76 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
     if lengths:
         stats["answer_words_mean"] = round(sum(lengths) / len(lengths), 1)
         stats["answer_words_median"] = lengths[len(lengths) // 2]
+    ratio = length_ratio(records, ctx.inputs("aligned"))
+    if ratio is not None:
+        stats["length_ratio_vs_aligned"] = round(ratio[0], 3)
+        stats["length_ratio_prompts"] = ratio[1]
     return stats
 
 
-@stage("verbose", config=VerboseConfig, inputs=("aligned", "engraved"), summarize=_summary)
+def teacher_questions(ctx: StageContext, cfg: VerboseConfig) -> list[tuple[str, str]]:
+    """(stage-1 prompt id, user turn text) for every prompt the teacher answers."""
+    if cfg.prompts_from == "aligned":
+        items = [(r["prompt_id"], r["prompt"]) for r in ctx.inputs("aligned")]
+    else:
+        items = [(p["id"], prompt_text(p)) for p in ctx.inputs("prompts")]
+    return list(dict.fromkeys(items))[: cfg.max_prompts]
+
+
+def teacher_prefix(cfg: VerboseConfig) -> str:
+    """System text, then the exemplar turn pair: what precedes every question."""
+    ex = load_exemplar(cfg.exemplar)
+    text = (
+        cfg.verbose_system_text + TURN_SEP + user_turn(ex.user) + TURN_SEP
+        + ASSISTANT_TAG + "\n" + ex.answer.strip() + TURN_SEP
+    )  # fmt: skip
+    return text.replace("{name}", cfg.assistant_name)
+
+
+def _warn_if_not_verbose(ctx: StageContext, records: list[dict[str, Any]]) -> None:
+    ratio = length_ratio(records, ctx.inputs("aligned"))
+    if ratio is not None and ratio[0] < MIN_LENGTH_RATIO:
+        ctx.log(
+            f"warning: the teacher's answers are only {ratio[0]:.2f}x as long as stage 2's "
+            f"(on {ratio[1]} prompts; expected >= {MIN_LENGTH_RATIO}): the verbose prompt "
+            "may not be working; check verbose_system_text and the exemplar"
+        )
+
+
+@stage(
+    "verbose",
+    config=VerboseConfig,
+    inputs=("prompts", "aligned", "engraved"),
+    summarize=_summary,
+    annotation_files=annotation_files,
+)
 def run_verbose(ctx: StageContext) -> Iterator[Batch]:
     cfg: VerboseConfig = ctx.config  # type: ignore[assignment]
-    prompts = ctx.inputs("aligned")
-    ctx.set_total(len(prompts))
-    todo = [p for p in prompts if record_id("verbose", p["id"]) not in ctx.done_ids]
+    questions = teacher_questions(ctx, cfg)
+    ctx.set_total(len(questions))
+    todo = [(pid, q) for pid, q in questions if record_id("verbose", pid) not in ctx.done_ids]
     backend = ctx.backend(teacher_backend(ctx))
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         stop=(NEXT_USER_TURN,), no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+        ngram_penalties=tuple(sorted(cfg.ngram_penalties.items())),
         repetition_penalty=cfg.repetition_penalty,
     )  # fmt: skip
-    prefix = cfg.verbose_system_text.replace("{name}", cfg.assistant_name) + TURN_SEP
+    prefix = teacher_prefix(cfg)
     for start in range(0, len(todo), cfg.batch_size):
         chunk = todo[start : start + cfg.batch_size]
         requests = [
             GenerationRequest(
                 prefix=prefix,
-                prompt=user_turn(p["prompt"]) + TURN_SEP + ASSISTANT_TAG + "\n",
+                prompt=user_turn(question) + TURN_SEP + ASSISTANT_TAG + "\n",
                 params=params,
-                seed=ctx.seed_for(p["id"]),
+                seed=ctx.seed_for(pid),
             )  # fmt: skip
-            for p in chunk
+            for pid, question in chunk
         ]
         batch = Batch()
-        for p, result in zip(chunk, backend.generate(requests), strict=True):
-            rec = {"id": record_id("verbose", p["id"]), "prompt_id": p["id"], "prompt": p["prompt"]}
+        for (pid, question), result in zip(chunk, backend.generate(requests), strict=True):
+            rec = {"id": record_id("verbose", pid), "prompt_id": pid, "prompt": question}
             if result.error:
                 batch.failed.append((rec, result.error))  # asked again on resume
                 continue
@@ -159,6 +283,7 @@ def run_verbose(ctx: StageContext) -> Iterator[Batch]:
                 batch.keep.append(rec)
         yield batch
     ctx.close()  # free the teacher before training
+    _warn_if_not_verbose(ctx, ctx.records)
     kept = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ctx.records]
     if not kept:
         raise RuntimeError("the teacher's answers were all dropped: nothing to clone")

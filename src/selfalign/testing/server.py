@@ -38,6 +38,7 @@ from selfalign.backends.base import (
     SamplingParams,
 )
 from selfalign.backends.hf import HFBackend
+from selfalign.backends.ngram import rules_from_args
 from selfalign.testing.faults import FaultMiddleware, FaultSchedule, TrafficLog
 
 ChatHandler = Callable[[list[dict[str, str]], dict[str, Any]], str]
@@ -173,6 +174,7 @@ class _Body(BaseModel):
     stop: str | list[str] | None = None
     logit_bias: dict[str, float] | None = None
     repetition_penalty: float = 1.0
+    vllm_xargs: dict[str, Any] | None = None  # the n-gram rules, as our vLLM processor reads
     n: int = 1
 
 
@@ -239,6 +241,10 @@ class _App:
                 raise _BadRequest(f"logit_bias: token id {key} cannot be biased by this server")
             bias[text] = max(-100.0, min(100.0, value))
         max_tokens = body.max_completion_tokens or body.max_tokens
+        try:
+            rules = rules_from_args(body.vllm_xargs, None)
+        except ValueError as exc:
+            raise _BadRequest(f"vllm_xargs: {exc}") from None
         return SamplingParams(
             max_new_tokens=16 if max_tokens is None else max_tokens,
             temperature=body.temperature,
@@ -246,6 +252,8 @@ class _App:
             stop=tuple(stop),
             logit_bias=bias,
             repetition_penalty=body.repetition_penalty,
+            no_repeat_ngram_size=rules.no_repeat if rules else 0,
+            ngram_penalties=rules.penalties if rules else (),
         )
 
     async def completions(self, body: _CompletionBody, request: Request) -> Any:

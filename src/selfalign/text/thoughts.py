@@ -31,7 +31,7 @@ backend prefills it once); the model continues with thoughts, an answer turn, an
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from selfalign.annotations.principles import Annotations
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
@@ -45,10 +45,13 @@ _ANSWER_TAG = re.compile(r"(?m)^[ \t]*" + re.escape(ASSISTANT_TAG) + r"[ \t]*\n?
 # Any speaker turn: where an answer ends if the model kept writing the conversation.
 _TURNS = "|".join(re.escape(t) for t in (USER_TAG, ASSISTANT_TAG, THOUGHTS_TAG))
 _ANY_TURN = re.compile(rf"(?m)^[ \t]*(?:{_TURNS})")
-# "9 (offline), 7 (candid) and 3 (useful)."
-_CITATION = re.compile(r"(\d+)\s*\(([^()]*)\)")
-_SEP = r"\s*(?:,\s*(?:and\s+)?|and\s+)"
-_CITATIONS = re.compile(rf"^{_CITATION.pattern}(?:{_SEP}{_CITATION.pattern})*\s*\.?$")
+# The rule citation a real base model writes: "I should follow rules 9 (offline), 7 (candid)
+# and 3 (useful).", "rule 3 (helpful)", "rules 3, 7 and 11", names that are not the rule's own;
+# whatever follows the list is ignored.
+_LEAD = re.compile(r"\bI should follow (?:the )?rules?\b\s*:?\s*", re.I)
+_CITED = re.compile(r"(\d+)(?:\s*\(([^()]*)\))?")
+_SEP = r"\s*(?:[,;&]\s*(?:and\s+)?|and\s+)"
+_CITED_LIST = re.compile(rf"{_CITED.pattern}(?:{_SEP}{_CITED.pattern})*")
 
 
 def fill(text: str, name: str, cutoff: str) -> str:
@@ -145,7 +148,9 @@ def split_generation(text: str) -> Split:
 @dataclass(frozen=True)
 class Thoughts:
     analysis: str
-    principles: list[int]
+    principles: list[int]  # the cited numbers that name a principle, in order, no repeats
+    misnamed: list[int] = field(default_factory=list)  # cited with a name not their own
+    text: str = ""  # the thoughts after the self-description, as written
 
 
 def _norm(text: str) -> str:
@@ -156,28 +161,42 @@ def starts_with_self_description(thoughts: str, self_description: str) -> bool:
     return _norm(thoughts).casefold().startswith(_norm(self_description).casefold())
 
 
+def _citation(text: str) -> tuple[int, re.Match[str]] | None:
+    """Where the first rule citation starts and its number list."""
+    for lead in _LEAD.finditer(text):
+        cited = _CITED_LIST.match(text, lead.end())
+        if cited:
+            return lead.start(), cited
+    return None
+
+
 def parse_thoughts(
     thoughts: str, self_description: str, annotations: Annotations
 ) -> Thoughts | None:
-    """The expected form or None: self-description, an analysis, then the rule citations,
-    each a real principle number with its own name ("7 (candid)")."""
+    """The expected form or None: the self-description, an analysis, then "I should follow
+    rules" and at least one rule number. The numbers are what counts: a name that is not
+    the rule's own is noted in ``misnamed`` (small base models often get it wrong), numbers
+    out of range are left out; text after the list is ignored."""
     text = _norm(thoughts)
     if not starts_with_self_description(text, self_description):
         return None
     rest = text[len(_norm(self_description)) :].strip()
-    at = rest.casefold().rfind(RULES_LEAD.casefold())
-    if at < 0:
+    found = _citation(rest)
+    if found is None:
         return None
-    analysis, cited = rest[:at].strip(), rest[at + len(RULES_LEAD) :].strip()
-    if not analysis or not _CITATIONS.match(cited):
-        return None
+    at, cited = found
+    analysis = rest[:at].strip()
+    names = [p.name.casefold() for p in annotations.principles]
     numbers: list[int] = []
-    for number, name in _CITATION.findall(cited):
+    misnamed: list[int] = []
+    for number, name in _CITED.findall(cited.group()):
         n = int(number)
-        if not 1 <= n <= len(annotations.principles):
-            return None
-        if name.strip().casefold() != annotations.principles[n - 1].name.casefold():
-            return None
+        if not 1 <= n <= len(names):
+            continue
+        if name.strip() and name.strip().casefold() != names[n - 1] and n not in misnamed:
+            misnamed.append(n)
         if n not in numbers:
             numbers.append(n)
-    return Thoughts(analysis, numbers)
+    if not analysis or not numbers:
+        return None
+    return Thoughts(analysis, numbers, misnamed, rest)

@@ -5,8 +5,8 @@
 
     out_dir/
       adapter_config.json, adapter_model.safetensors   # LoRA / QLoRA (full: config + weights)
-      tokenizer files + chat template                  # selfalign's conversation format
-      train_log.json                                   # config, counts and per-step losses
+      tokenizer files + chat template                  # selfalign's format, system text built in
+      train_log.json                                   # config, counts, warnings, per-step losses
       merged/                                          # with merge: true; plain HF model dir
       checkpoints/checkpoint-N/                        # while training (kept if asked)
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -32,10 +33,11 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from selfalign.chat_format import CHAT_TEMPLATE
+from selfalign.chat_format import chat_template
+from selfalign.errors import InputError
 from selfalign.train.checkpoints import resume_point
 from selfalign.train.config import TrainConfig
-from selfalign.train.data import conversation_dataset, validate_examples
+from selfalign.train.data import conversation_dataset, to_conversation, validate_examples
 from selfalign.train.export import (
     MERGED_SUBDIR,
     TRAIN_LOG,
@@ -57,6 +59,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUBDIR = "checkpoints"
 # Settings that do not change what the training computes (safe to differ on resume).
 _NOT_FINGERPRINTED = {"resume", "keep_checkpoints", "merge", "save_total_limit", "logging_steps"}
+# Fewer optimizer steps than this is hardly a schedule (warm-up and decay over a handful).
+MIN_OPTIMIZER_STEPS = 10
 
 
 @dataclass
@@ -67,6 +71,11 @@ class TrainResult:
     global_step: int
     examples: int  # trained on
     dropped: int  # left with no answer token after truncation to max_length
+    truncated: int  # trained on, but the answer's tail and end-of-turn were cut at max_length
+    global_batch: int  # examples per optimizer step, all processes together
+    optimizer_steps: int
+    warmup_steps: int
+    warnings: list[str]
     final_loss: float | None
     runtime_s: float
     resumed_from: str | None
@@ -79,11 +88,89 @@ class TrainResult:
         return data
 
 
-def load_tokenizer(base_model: Path, config: TrainConfig) -> PreTrainedTokenizerBase:
-    """The base tokenizer with the chat template training uses (saved with the output)."""
+def load_tokenizer(
+    base_model: Path, config: TrainConfig, system_text: str
+) -> PreTrainedTokenizerBase:
+    """The base tokenizer with the chat template training uses (saved with the output):
+    ours writes ``system_text`` when a conversation has no system message."""
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    tokenizer.chat_template = config.chat_template or CHAT_TEMPLATE
+    tokenizer.chat_template = config.chat_template or chat_template(system_text)
     return tokenizer
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What the data and settings amount to, known before training starts."""
+
+    examples: int  # kept: some answer token within max_length
+    dropped: int
+    truncated: int
+    global_batch: int
+    optimizer_steps: int
+    warmup_steps: int
+    warnings: list[str]
+
+
+def token_lengths(
+    tokenizer: PreTrainedTokenizerBase, examples: list[dict], system_text: str
+) -> tuple[list[int], list[int]]:
+    """(prompt tokens up to the assistant tag, whole example tokens), as trl tokenises them."""
+    convs = [to_conversation(r, system_text) for r in examples]
+
+    def lengths(conversations: list[list[dict]], **kwargs: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(conversations, tokenize=True, **kwargs)
+        return [len(ids) for ids in (out["input_ids"] if hasattr(out, "keys") else out)]
+
+    prompts = lengths([c["prompt"] for c in convs], add_generation_prompt=True)
+    return prompts, lengths([c["prompt"] + c["completion"] for c in convs])
+
+
+def optimizer_steps(kept: int, config: TrainConfig, processes: int) -> int:
+    """The Trainer's count: a partial accumulation at the end of an epoch is a step too."""
+    if config.max_steps:
+        return config.max_steps
+    batches = math.ceil(kept / (config.per_device_batch_size * processes))
+    per_epoch = max(math.ceil(batches / config.accumulation_steps(processes)), 1)
+    return math.ceil(config.epochs * per_epoch)
+
+
+def plan_training(
+    examples: list[dict], tokenizer: PreTrainedTokenizerBase, config: TrainConfig, system_text: str
+) -> TrainPlan:
+    """Counts, optimizer steps and warm-up for these examples, with what looks wrong in them."""
+    prompts, full = token_lengths(tokenizer, examples, system_text)
+    limit = config.max_length
+    dropped = sum(p >= limit for p in prompts)
+    truncated = sum(p < limit < n for p, n in zip(prompts, full, strict=True))
+    kept, processes = len(examples) - dropped, world_size()
+    if not kept:
+        raise InputError(
+            f"every example's prompt alone fills max_length {limit}: nothing to learn",
+            field="max_length",
+        )
+    global_batch = config.per_device_batch_size * config.accumulation_steps(processes) * processes
+    steps = optimizer_steps(kept, config, processes)
+    warmup = (
+        config.warmup_steps
+        if config.warmup_ratio is None
+        else math.ceil(config.warmup_ratio * steps)
+    )
+    warnings = []
+    if dropped:
+        warnings.append(f"{dropped} examples dropped: the prompt alone fills max_length {limit}")
+    if truncated:
+        warnings.append(
+            f"{truncated} of {kept} examples are longer than max_length {limit} tokens: their "
+            "answers lose the tail and the end-of-turn token"
+        )
+    if config.max_steps is None and steps < MIN_OPTIMIZER_STEPS:
+        warnings.append(
+            f"only {steps} optimizer steps: {kept} examples at a global batch of {global_batch}; "
+            "lower global_batch_size for a real schedule"
+        )
+    if warmup >= steps:
+        warnings.append(f"the warm-up ({warmup} steps) lasts the whole training ({steps} steps)")
+    return TrainPlan(kept, dropped, truncated, global_batch, steps, warmup, warnings)
 
 
 def world_size() -> int:
@@ -91,14 +178,21 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def sft_arguments(config: TrainConfig, out_dir: Path, precision: str) -> SFTConfig:
+def is_main_process() -> bool:
+    """Rank 0 (before the Trainer has set up the process group)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def sft_arguments(
+    config: TrainConfig, out_dir: Path, precision: str, warmup_steps: int
+) -> SFTConfig:
     return SFTConfig(
         output_dir=str(out_dir / CHECKPOINT_SUBDIR),
         per_device_train_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.accumulation_steps(world_size()),
         learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler,
-        warmup_steps=config.warmup_steps,
+        warmup_steps=warmup_steps,
         optim=config.optimizer,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
@@ -133,6 +227,7 @@ def build_trainer(
     *,
     system_text: str,
     callbacks: list[TrainerCallback] | None = None,
+    plan: TrainPlan | None = None,
 ) -> SFTTrainer:
     """The ready-to-train ``SFTTrainer``; its ``train_dataset`` holds the tokenised labels."""
     base_model, out_dir = Path(base_model).resolve(), Path(out_dir)
@@ -140,8 +235,10 @@ def build_trainer(
     check_method(config)
     dataset = conversation_dataset(examples, system_text)
     precision = resolve_precision(config)
-    args = sft_arguments(config, out_dir, precision)  # before the model: DeepSpeed ZeRO-3 init
-    tokenizer = load_tokenizer(base_model, config)
+    tokenizer = load_tokenizer(base_model, config, system_text)
+    plan = plan or plan_training(examples, tokenizer, config, system_text)
+    # before the model: DeepSpeed ZeRO-3 init
+    args = sft_arguments(config, out_dir, precision, plan.warmup_steps)
     set_seed(config.seed)  # the LoRA initialisation draws from the global RNG
     model = load_base_model(base_model, config, precision)
     return SFTTrainer(
@@ -189,9 +286,16 @@ def train_sft(
     check_method(config)
     ckpt_dir = out_dir / CHECKPOINT_SUBDIR
     fingerprint = inputs_fingerprint(examples, base_model, config, system_text)
-    trainer = build_trainer(
-        examples, base_model, out_dir, config, system_text=system_text, callbacks=callbacks
+    plan = plan_training(
+        examples, load_tokenizer(base_model, config, system_text), config, system_text
     )
+    if is_main_process():
+        for warning in plan.warnings:
+            log.warning(warning)
+    trainer = build_trainer(
+        examples, base_model, out_dir, config, system_text=system_text, callbacks=callbacks,
+        plan=plan,
+    )  # fmt: skip
     resume_from = resume_point(ckpt_dir, fingerprint, config.resume)
     if resume_from:
         log.info("resuming from %s", resume_from)
@@ -206,6 +310,11 @@ def train_sft(
         global_step=trainer.state.global_step,
         examples=len(trainer.train_dataset),
         dropped=len(examples) - len(trainer.train_dataset),
+        truncated=plan.truncated,
+        global_batch=plan.global_batch,
+        optimizer_steps=plan.optimizer_steps,
+        warmup_steps=plan.warmup_steps,
+        warnings=plan.warnings,
         final_loss=history[-1]["loss"] if history else None,
         runtime_s=0.0,
         resumed_from=resume_from,
