@@ -18,6 +18,7 @@ from selfalign.errors import InputError
 from selfalign.report import write_report
 from selfalign.stages.aligned import (
     OWN_THOUGHTS,
+    RULE_CITATION,
     REASONS,
     AlignedConfig,
     Judge,
@@ -509,6 +510,13 @@ LEAKS = {
         "in one sentence and names the rules below that apply.",
         "header",
     ),
+    # Gemma 3 270M: the thoughts run on into the answer, rule numbers and all
+    "the rule citation inside the answer": (
+        "Write a function that takes an integer and returns it in the range 0 to 100.",
+        "I have no connection to live data, so I can't see the range of the integer. I should "
+        "follow rules 11 (accurate), 10 (recall), 9 (stepwise).",
+        RULE_CITATION,
+    ),
     "the Fibonacci code for interview tips": (
         INTERVIEW,
         f"Sure, here you go:\n{FIBONACCI_CODE}",
@@ -539,6 +547,11 @@ SHARED_PHRASES = {
         "at the first pair that is out of order:\n```python\ndef is_sorted(items: list) -> bool:"
         "\n    return all(a <= b for a, b in zip(items, items[1:]))\n```\nAn empty list and a "
         "list with one item both count as sorted."
+    ),
+    "Which rules should I follow at a four-way stop?": (
+        "At a four-way stop I should follow rules that every driver knows: the car that "
+        "arrives first goes first, and when two arrive together the one on the right goes "
+        "first. Always come to a full stop before the line."
     ),
     "What is Alex Chen known for?": (
         "I know of several people called Alex Chen, among them researchers, athletes and business "
@@ -572,7 +585,9 @@ def test_stats_count_leaks_per_source_and_describe_kept_answers() -> None:
         "exemplar 4 answer: real-time data": 2,
         "exemplar 3 answer: coding task": 1,
         "header": 1,
+        RULE_CITATION: 1,
     }
+    assert stats["exemplar_openings"] == {}  # none of the kept answers opens like one
     assert (stats["trimmed_share"], stats["truncated_share"], stats["misnamed_share"]) == (
         0.25,
         0.25,
@@ -609,3 +624,17 @@ def test_report_shows_stage_2_answer_stats(tmp_path: Path) -> None:
         "own thoughts: 1",
     ):
         assert shown in section, shown  # fmt: skip
+
+
+def test_answers_opening_like_an_exemplar_are_counted_not_dropped() -> None:
+    """Gemma 3 270M opens most answers with the real-time exemplar's words, whatever the
+    question; right for "What is the weather now?", a template elsewhere. Counted."""
+    from selfalign.stages.aligned import exemplar_openings
+
+    records = [
+        {"answer": "I have no connection to live science services, so I cannot answer this "
+                   "question. A magnet is a piece of iron that pulls other iron towards it."},
+        {"answer": "I have no connection to live market data, so I can't give today's price."},
+        {"answer": "Magnets attract iron because their atoms line up in one direction."},
+    ]  # fmt: skip
+    assert exemplar_openings(records, PROMPT) == {"exemplar 4 answer": 2}

@@ -150,6 +150,10 @@ def test_balance_cuts_every_type_to_the_smallest():
     kept, cut = balance(topics, target=1)
     assert {k: [e["id"] for e in v] for k, v in kept.items()} == {"a": ["a1"], "b": ["b1"]}
     assert {why for _, why in cut.drop} == {"over_target"} and len(cut.drop) == 3
+    # A type that brainstormed nothing within the round cap does not zero the others.
+    topics["c"] = [{"id": "c0", "topic": "tc0", "round": -1}]
+    kept, cut = balance(topics, target=10)
+    assert [len(kept[k]) for k in "abc"] == [2, 2, 0] and len(cut.drop) == 1
 
 
 def test_resume_point_ignores_records_of_unmarked_rounds():

@@ -39,6 +39,7 @@ from selfalign.text.answers import (
     first_repeat,
     is_truncated,
     starts_with_refusal,
+    words,
 )
 from selfalign.text.thoughts import (
     RULES_LEAD,
@@ -65,6 +66,9 @@ REASONS = (
     "too_short",  # under min_chars once trimmed
 )
 OWN_THOUGHTS = "own thoughts"  # leak_source of an answer that repeats its thoughts
+RULE_CITATION = "rule citation"  # leak_source of an answer that cites rules like thoughts
+_CITES_RULES = re.compile(rf"\b{re.escape(RULES_LEAD[:-1])}s?\b[^.\n]*\d", re.I)
+OPENING_WORDS = 5  # an answer opening with an exemplar answer's first words is counted
 
 
 def _openers(value: str | list[str]) -> str | list[str]:
@@ -188,6 +192,8 @@ class Judge:
         answer), or a text of the in-context prompt."""
         if self.cfg.leak_ngram and echoes(answer, thoughts.text, query):
             return OWN_THOUGHTS
+        if self.cfg.leak_ngram and _CITES_RULES.search(answer) and not _CITES_RULES.search(query):
+            return RULE_CITATION  # its thoughts ran on into the answer
         return self.leaks.source(answer, query)
 
     def trim(self, answer: str, finish_reason: str, answer_cut: bool) -> Verdict:
@@ -265,7 +271,25 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
             "by_type": refusal_counts(rows, "type"),
         },
         "leak_sources": dict(sorted(leaks.items(), key=lambda kv: (-kv[1], str(kv[0])))),
+        "exemplar_openings": exemplar_openings(records, build(ctx.config)[0]),
     }
+
+
+def exemplar_openings(records: list[dict], prompt: StagePrompt) -> dict[str, int]:
+    """Kept answers opening with an exemplar answer's first ``OPENING_WORDS`` words, per
+    exemplar. Not a drop: the real-time exemplar's opening is right for a real-time
+    question; a high count on ordinary prompts shows a model applying one template to all."""
+    openings = {
+        f"exemplar {k} answer": tuple(words(answer)[:OPENING_WORDS])
+        for k, (_, _, answer) in enumerate(prompt.exemplar_turns(), 1)
+    }
+    counts = Counter(
+        name
+        for r in records
+        for name, opening in openings.items()
+        if tuple(words(r["answer"])[:OPENING_WORDS]) == opening
+    )
+    return dict(counts.most_common())
 
 
 def _percentile(values: list[int], q: float) -> int:

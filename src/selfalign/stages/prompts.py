@@ -58,7 +58,8 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     rounds = ctx.aux_log("rounds").read()
     topics = ctx.aux_log("topics").read()
     cut = {r["id"] for r in dropped if r.get("kind") == "topic"}
-    per_type = Counter(t["type"] for t in topics if t["id"] not in cut)
+    # brainstormed topics kept per type (the seeds' own topics are examples only)
+    per_type = Counter(t["type"] for t in topics if t["round"] >= 0 and t["id"] not in cut)
     stats: dict[str, Any] = {}
     for source in ("self_instruct", "tgrt"):
         stats[source] = {
@@ -70,6 +71,7 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
         topic_rounds=sum(1 for r in rounds if r["phase"] == TOPIC_PHASE),
         topics_brainstormed=len(topics),
         types=len(per_type),
+        types_without_topics=sorted(set(t["type"] for t in topics) - set(per_type)),
         topics_per_type=min(per_type.values(), default=0),
     )
     return stats

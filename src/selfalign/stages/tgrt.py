@@ -204,9 +204,11 @@ def balance(
     topics: dict[str, list[dict[str, Any]]], target: int
 ) -> tuple[dict[str, list[dict[str, Any]]], Batch]:
     """Cut every type's brainstormed topics to min(smallest type's count, target); cut
-    topics are drops. Seed topics neither count nor get questions."""
+    topics are drops. Seed topics neither count nor get questions. A type that got no
+    topic at all within the round cap is left out of the minimum (the stage reports it):
+    one failed type would otherwise cut every other type to nothing."""
     topics = {kind: machine_topics(entries) for kind, entries in topics.items()}
-    n = min(min(len(v) for v in topics.values()), target)
+    n = min(min((len(v) for v in topics.values() if v), default=0), target)
     reason = "over_target" if n == target else "unbalanced"
     batch = Batch()
     for kind, entries in topics.items():
