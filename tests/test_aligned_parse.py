@@ -18,8 +18,8 @@ from selfalign.errors import InputError
 from selfalign.report import write_report
 from selfalign.stages.aligned import (
     OWN_THOUGHTS,
-    RULE_CITATION,
     REASONS,
+    RULE_CITATION,
     AlignedConfig,
     Judge,
     Verdict,
