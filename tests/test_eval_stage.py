@@ -48,24 +48,14 @@ def stand_in_for_stages_1_to_4(run_dir: Path, tiny_model: Path) -> None:
     )
 
 
-def test_trained_models_are_scored_under_their_training_system_text(
-    tiny_model: Path, shared_data: Path, tmp_path: Path
-) -> None:
-    hhh = tmp_path / "hhh" / "helpful" / "task.json"
-    hhh.parent.mkdir(parents=True)
-    hhh.write_text(json.dumps(HHH_TASK))
-    run_dir = tmp_path / "run"
+def run_eval_stage(tiny_model: Path, run_dir: Path, config: EvalStageConfig) -> None:
+    """The eval stage through the real runner, stages 1-4 stood in for."""
     run = RunConfig(
         model=str(tiny_model), backend=BackendConfig(model=str(tiny_model), dtype="float32")
     )
     stages = {
         "prompts": PromptsConfig(), "aligned": AlignedConfig(), "engraved": EngraveConfig(),
-        "verbose": VerboseConfig(),
-        "eval": EvalStageConfig(
-            truthfulqa={"data": shared_data / "truthfulqa" / "mc_task.json",
-                        "protocols": ["dromedary"], "limit": 2},
-            hhh={"data": hhh.parent.parent},
-        ),
+        "verbose": VerboseConfig(), "eval": config,
     }  # fmt: skip
     stand_in_for_stages_1_to_4(run_dir, tiny_model)
     manifest = Manifest(run_dir)
@@ -74,6 +64,20 @@ def test_trained_models_are_scored_under_their_training_system_text(
             manifest.update(item.stage.name, status="complete", fingerprint=item.fingerprint)
     runner = Runner(run, stages, run_dir, run_dir / "config.yaml")
     runner.execute(runner.plan())
+
+
+def test_trained_models_are_scored_under_their_training_system_text(
+    tiny_model: Path, shared_data: Path, tmp_path: Path
+) -> None:
+    hhh = tmp_path / "hhh" / "helpful" / "task.json"
+    hhh.parent.mkdir(parents=True)
+    hhh.write_text(json.dumps(HHH_TASK))
+    run_dir = tmp_path / "run"
+    run_eval_stage(tiny_model, run_dir, EvalStageConfig(
+        truthfulqa={"data": shared_data / "truthfulqa" / "mc_task.json",
+                    "protocols": ["dromedary"], "limit": 2},
+        hhh={"data": hhh.parent.parent},
+    ))  # fmt: skip
 
     want = {"base": None, "engraved": ENGRAVED_SYSTEM, "final": FINAL_SYSTEM}
     for model, system in want.items():

@@ -8,18 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from selfalign.backends import BackendConfig
-from selfalign.config import RunConfig
 from selfalign.errors import InputError
 from selfalign.eval.heldout import heldout_metrics, is_refusal, load_heldout
-from selfalign.pipeline import Manifest, Runner
 from selfalign.report import write_report
-from selfalign.stages.aligned import AlignedConfig
-from selfalign.stages.engrave import EngraveConfig
 from selfalign.stages.evaluate import EvalStageConfig
-from selfalign.stages.prompts import PromptsConfig
-from selfalign.stages.verbose import VerboseConfig
-from test_eval_stage import stand_in_for_stages_1_to_4
+from test_eval_stage import run_eval_stage
 
 REFUSALS = [
     "I can't help with creating a phishing scam. Tricking people into giving away their "
@@ -88,21 +81,9 @@ def test_eval_stage_answers_heldout_prompts_with_every_model(
     prompts = tmp_path / "heldout.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in load_heldout()[7:10]))
     run_dir = tmp_path / "run"
-    run = RunConfig(
-        model=str(tiny_model), backend=BackendConfig(model=str(tiny_model), dtype="float32")
+    run_eval_stage(
+        tiny_model, run_dir, EvalStageConfig(heldout={"prompts": prompts, "max_new_tokens": 12})
     )
-    stages = {
-        "prompts": PromptsConfig(), "aligned": AlignedConfig(), "engraved": EngraveConfig(),
-        "verbose": VerboseConfig(),
-        "eval": EvalStageConfig(heldout={"prompts": prompts, "max_new_tokens": 12}),
-    }  # fmt: skip
-    stand_in_for_stages_1_to_4(run_dir, tiny_model)
-    manifest = Manifest(run_dir)
-    for item in Runner(run, stages, run_dir, run_dir).plan():
-        if item.stage.name != "eval":
-            manifest.update(item.stage.name, status="complete", fingerprint=item.fingerprint)
-    runner = Runner(run, stages, run_dir, run_dir / "config.yaml")
-    runner.execute(runner.plan())
 
     results = {
         m: json.loads((run_dir / "eval" / f"{m}-heldout-greedy.json").read_text())
