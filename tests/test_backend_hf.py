@@ -188,15 +188,23 @@ def test_no_repeat_ngram_lets_the_answer_quote_its_prompt(looping: HFBackend) ->
     """Counting only generated tokens, an answer may repeat 6+ tokens of the prompt (an
     edit, an extraction, a translation keeping names). The prompt here holds one stretch
     of the model's own loop, so its greedy answer continues the loop: a quote."""
-    question = "Fix the typo: The quick brown fox jumpd over the lazy dog."
-    first = GenerationRequest(prompt=question, params=SamplingParams(max_new_tokens=24))
-    prompt = question + looping.generate([first])[0].text
-    params = SamplingParams(max_new_tokens=16, no_repeat_ngram_size=6)
-    req = GenerationRequest(prompt=prompt, params=params)
-    got = looping.generate([req])[0].text
-    want = reference_greedy(looping, req, no_repeat=6)
-    assert got == looping.tokenizer.decode(want, skip_special_tokens=True)
-    assert _quotes(want, looping.encode(prompt), 6), "the answer should quote the prompt"
+    quoted = []
+    for question in (
+        "Fix the typo: The quick brown fox jumpd over the lazy dog.",
+        "Translate to French, keeping the names: Anna and Tomasz met in Gdansk.",
+        "Extract the dates from: The meeting moved from 3 May to 17 June 2025.",
+    ):
+        first = GenerationRequest(prompt=question, params=SamplingParams(max_new_tokens=32))
+        prompt = question + looping.generate([first])[0].text
+        params = SamplingParams(max_new_tokens=16, no_repeat_ngram_size=6)
+        req = GenerationRequest(prompt=prompt, params=params)
+        got = looping.generate([req])[0].text
+        want = reference_greedy(looping, req, no_repeat=6)
+        assert got == looping.tokenizer.decode(want, skip_special_tokens=True)
+        quoted.append(_quotes(want, looping.encode(prompt), 6))
+    # which loop a random model falls into depends on its tokenizer (trained on the
+    # shipped files); at least one of these answers goes on quoting its prompt
+    assert any(quoted), "an answer should quote its prompt"
 
 
 def test_ngram_penalty_greedy_equals_reference(looping: HFBackend) -> None:

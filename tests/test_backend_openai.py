@@ -140,7 +140,7 @@ def test_ngram_rules_are_refused_clearly_by_a_plain_server(server: RunningServer
 def test_ngram_rules_through_vllm_xargs_match_hf(hf: HFBackend, server: RunningServer) -> None:
     """Sent as `vllm_xargs` (the test server applies them as our vLLM processor does).
     Only generated tokens count, so no tokenizer is needed to find where the prompt ends."""
-    params = SamplingParams(max_new_tokens=24, no_repeat_ngram_size=1, ngram_penalties=NGRAM)
+    params = SamplingParams(max_new_tokens=48, no_repeat_ngram_size=1, ngram_penalties=NGRAM)
     prefix = "You answer questions about numbers, briefly and correctly.\n\n"
     reqs = [GenerationRequest(prompt=q, prefix=prefix, params=params) for q in questions(6)]
     with backend_for(server, server_no_repeat_ngram=True) as backend:
@@ -149,7 +149,7 @@ def test_ngram_rules_through_vllm_xargs_match_hf(hf: HFBackend, server: RunningS
         }  # fmt: skip
         got = [r.text for r in backend.generate(reqs)]
     assert got == [r.text for r in hf.generate([joined(r) for r in reqs])]
-    plain = [GenerationRequest(prompt=prefix + q, params=SamplingParams(max_new_tokens=24))
+    plain = [GenerationRequest(prompt=prefix + q, params=SamplingParams(max_new_tokens=48))
              for q in questions(6)]  # fmt: skip
     assert got != [r.text for r in hf.generate(plain)], "the rules should change outputs"
 
