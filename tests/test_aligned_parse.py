@@ -428,6 +428,18 @@ def test_a_loop_is_trimmed_at_its_first_repeat() -> None:
     assert verdict.reason == "repeated_clause"
 
 
+def test_a_loop_with_nothing_complete_before_it_is_a_repeat_drop() -> None:
+    loop = (
+        "Here are my tips for you: keep your plants watered daily, keep your plants "
+        "watered daily, keep your plants watered daily, keep your plants watered daily"
+    )
+    _, keep_all = build(AlignedConfig(min_chars=0))
+    for j in (JUDGE, keep_all):  # not "too_short", and never an empty answer kept
+        assert judge(answered(loop, INTERVIEW_THOUGHTS), "length", INTERVIEW, j).reason == (
+            "repeated_clause"
+        )
+
+
 def test_an_answer_cut_by_the_token_limit_keeps_its_complete_sentences() -> None:
     verdict = judge(answered(VACCINES, VACCINE_THOUGHTS), "length", query="How do vaccines work?")
     assert verdict.reason == "kept"

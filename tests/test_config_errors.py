@@ -83,3 +83,21 @@ def test_one_assistant_name_reaches_every_stage(tmp_path: Path, tiny_model: Path
     assert stages["aligned"].final_name == "Wren"
     assert stages["aligned"].generation_name != "Wren"  # the code name stays apart
     assert stages["engraved"].assistant_name == stages["verbose"].assistant_name == "Wren"
+
+
+def test_the_resolved_config_a_run_writes_loads_again(tmp_path: Path, tiny_model: Path) -> None:
+    from selfalign.config import load_run_config
+    from selfalign.pipeline import Runner
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {tiny_model}\nassistant_name: Wren\n"
+        "stages:\n  aligned: {}\n  engraved: {}\n  verbose: {}\n"
+    )
+    run, stages = load_run_config(config)
+    Runner(run, stages, tmp_path / "run", config).write_config()
+    again, stages_again = load_run_config(tmp_path / "run" / "config.yaml")
+    assert again.assistant_name == "Wren"
+    assert {k: v.model_dump() for k, v in stages_again.items()} == {
+        k: v.model_dump() for k, v in stages.items()
+    }

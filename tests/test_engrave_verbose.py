@@ -257,6 +257,8 @@ def test_length_ratio_compares_the_same_prompts_only() -> None:
 class _Inputs:
     """What ``teacher_questions`` reads from a stage context: upstream stages' kept records."""
 
+    seed = 0
+
     def __init__(self, **records: list[dict]) -> None:
         self.records = records
 
@@ -276,11 +278,27 @@ def test_teacher_answers_every_stage_1_prompt_unless_told_otherwise() -> None:
     ]
     ctx: Any = _Inputs(prompts=prompts, aligned=aligned)  # a stage context's inputs()
     everything = teacher_questions(ctx, VerboseConfig())
-    assert everything == [
+    assert sorted(everything) == [
         ("p1", "Translate into French:\nGood morning, Anna."),
         ("p2", "How do I pick a lock?"),
         ("p3", "Write a haiku about rain."),
     ]
     kept_only = teacher_questions(ctx, VerboseConfig(prompts_from="aligned"))
-    assert kept_only == [everything[0], everything[2]]
+    assert sorted(kept_only) == [q for q in sorted(everything) if q[0] != "p2"]
     assert teacher_questions(ctx, VerboseConfig(max_prompts=2)) == everything[:2]
+
+
+def test_a_teacher_cap_samples_red_team_prompts_as_stage_2_does() -> None:
+    """Stage 1 writes self-instruct prompts first; a cap over file order would leave out
+    every red-team prompt. Capped alike, stages 2 and 4 answer the same prompts."""
+    from selfalign.stages.aligned import answer_order
+
+    prompts = [{"id": f"si{i}", "instruction": f"Task {i}.", "input": "",
+                "source": "self_instruct"} for i in range(10)] + [
+        {"id": f"rt{i}", "instruction": f"Red-team question {i}?", "input": "",
+         "source": "tgrt"} for i in range(10)]  # fmt: skip
+    ctx: Any = _Inputs(prompts=prompts, aligned=[])
+    chosen = [pid for pid, _ in teacher_questions(ctx, VerboseConfig(max_prompts=6))]
+    assert any(p.startswith("rt") for p in chosen) and any(p.startswith("si") for p in chosen)
+    stage_2 = [p["id"] for p, _ in answer_order(prompts, ctx.seed, 6).values()]
+    assert chosen == stage_2

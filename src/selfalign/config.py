@@ -131,7 +131,8 @@ def load_run_config(path: Path) -> tuple[RunConfig, dict[str, StageConfig]]:
             raise InputError(f"unknown stage (known: {known})", file=path, field=f"stages.{name}")
         cls, settings = stages[name].config_cls, dict(settings or {})
         if cls.RUN_NAME_FIELD is not None:
-            if cls.RUN_NAME_FIELD in settings:
+            given = settings.get(cls.RUN_NAME_FIELD, run.assistant_name)
+            if given != run.assistant_name:  # (a resolved config.yaml repeats the run's name)
                 raise InputError(
                     "the assistant's name is set once, as the top-level assistant_name",
                     file=path, field=f"stages.{name}.{cls.RUN_NAME_FIELD}",

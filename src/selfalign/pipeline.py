@@ -143,9 +143,10 @@ def peak_memory_mb() -> float | None:
                 return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    import resource  # fallback: the process's lifetime peak (KiB on Linux)
+    import resource  # fallback: the process's lifetime peak (bytes on macOS, KiB elsewhere)
 
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
 
 
 class Manifest:

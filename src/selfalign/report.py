@@ -184,9 +184,11 @@ def _heldout_parts(run_dir: Path) -> list[str]:
     results = {}
     for path in sorted((run_dir / "eval").glob("*-heldout-greedy.json")):
         try:
-            results[path.stem.removesuffix("-heldout-greedy")] = json.loads(path.read_text("utf-8"))
+            result = json.loads(path.read_text("utf-8"))
         except json.JSONDecodeError:
             continue
+        if isinstance(result, dict) and {"metrics", "answers"} <= set(result):
+            results[path.stem.removesuffix("-heldout-greedy")] = result
     if not results:
         return []
     models = list(results)

@@ -32,7 +32,11 @@ def file_sha256(path: Path) -> str:
     """A file's content hash; for a folder, the hash of its files' names and contents."""
     path = Path(path)
     if not path.is_dir():
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = hashlib.sha256()
+        with path.open("rb") as f:  # in blocks: model files are large
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\0".encode())

@@ -96,7 +96,6 @@ class OpenAIBackend(Backend):
     # With ``tokenizer`` set, HFBackend's tokenization code (it needs only ``tokenizer``,
     # ``encode`` and ``head_ids``) gives the same ids the hf backend feeds its model.
     encode = HFBackend.encode
-    request_ids = HFBackend.request_ids
     encode_pair = HFBackend.encode_pair
     _special_head = HFBackend._special_head
 

@@ -9,8 +9,8 @@ Record: ``{"id", "prompt_id", "prompt", "source", "type", "thoughts", "answer", 
 "misnamed_rules", "trimmed", "truncated"}``; ``type`` is the red-team type of a TGRT prompt
 (else null). ``trimmed``: a repeat loop was cut off the answer; ``truncated``: the token
 limit stopped the answer (cut back to its last complete sentence when it stopped mid-way).
-In both cases the model did not end the answer where the record does, so training may leave
-out the end marker. Every drop keeps the raw output and a reason (see ``REASONS``); a leak
+In both cases the model did not end the answer where the record does; engraving still trains
+every kept answer with its end marker (leaving it out for these is not built yet). Every drop keeps the raw output and a reason (see ``REASONS``); a leak
 also names the text it copies (``leak_source``).
 """
 
@@ -29,7 +29,7 @@ from selfalign.annotations.principles import Annotations, load_annotations
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
 from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
 from selfalign.pipeline import Batch, StageContext, stage
-from selfalign.stages.prompts import prompt_text
+from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.store import record_id
 from selfalign.text.answers import (
     REFUSAL_OPENERS,
@@ -204,6 +204,8 @@ class Judge:
             if self.cfg.on_repeat == "drop":
                 return Verdict("repeated_clause")
             kept = complete_prefix(answer[:repeat])
+            if not kept:  # nothing complete before the loop
+                return Verdict("repeated_clause")
             return Verdict("kept", {"answer": kept, "trimmed": True, "truncated": False})
         hit_limit = finish_reason == "length" and not answer_cut
         if hit_limit and is_truncated(answer, finish_reason):
@@ -341,18 +343,15 @@ def principle_usage(records: list[dict], annotations: Annotations) -> dict[str, 
 
 
 def answer_order(
-    prompts: list[dict[str, Any]], ctx: StageContext, cap: int | None
+    prompts: list[dict[str, Any]], seed: int, cap: int | None
 ) -> dict[str, tuple[dict[str, Any], str]]:
-    """Record id -> (prompt record, query) for the prompts to answer, in a seeded random
-    order, the first ``cap`` of it. Stage 1 writes every self-instruct prompt before the
-    TGRT ones, so a cap over the file order would leave out all red-team prompts; the order
-    depends only on the run seed and the ids, so a resumed run sees the same chunks."""
+    """Record id -> (prompt record, query) for the prompts to answer: the first ``cap``
+    of a seeded random order (``sample_prompts``)."""
     items: dict[str, tuple[dict[str, Any], str]] = {}
-    for p in prompts:
+    for p in sample_prompts(prompts, seed):
         query = prompt_text(p)
         items.setdefault(record_id(p["id"], query), (p, query))
-    order = sorted(items, key=lambda i: (ctx.seed_for("order", i), i))
-    return {i: items[i] for i in order[:cap]}
+    return dict(list(items.items())[:cap])
 
 
 def _check_bias(ctx: StageContext, cfg: AlignedConfig) -> None:
@@ -388,7 +387,7 @@ def run_aligned(ctx: StageContext):
         stop=STOP,
         logit_bias=dict(cfg.refusal_bias),
     )
-    items = answer_order(ctx.inputs("prompts"), ctx, cfg.max_prompts)
+    items = answer_order(ctx.inputs("prompts"), ctx.seed, cfg.max_prompts)
     ctx.set_total(len(items))
     ids = list(items)
     if any(i not in ctx.done_ids for i in ids):

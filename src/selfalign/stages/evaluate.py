@@ -84,9 +84,10 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
 def _data_files(cfg: EvalStageConfig) -> list[Path]:
     files = [s.data for s in (cfg.truthfulqa, cfg.hhh) if s is not None]
     if cfg.heldout is not None:
-        from selfalign.eval.heldout import HELDOUT_PROMPTS
+        from selfalign.eval.heldout import HELDOUT_PROMPTS, load_heldout
 
         files.append(cfg.heldout.prompts or HELDOUT_PROMPTS)
+        load_heldout(files[-1])  # a bad file fails at plan time, not after training
     return files
 
 

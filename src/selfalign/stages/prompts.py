@@ -27,6 +27,7 @@ from selfalign.config import StageConfig
 from selfalign.pipeline import StageContext, stage
 from selfalign.stages.self_instruct import SelfInstructConfig, run_self_instruct
 from selfalign.stages.tgrt import TOPIC_PHASE, TGRTConfig, run_tgrt
+from selfalign.store import stable_hash
 
 
 def prompt_text(record: dict[str, Any]) -> str:
@@ -34,6 +35,15 @@ def prompt_text(record: dict[str, Any]) -> str:
     instruction = record["instruction"].strip()
     extra = (record.get("input") or "").strip()
     return f"{instruction}\n{extra}" if extra else instruction
+
+
+def sample_prompts(records: list[dict[str, Any]], seed: int, key: str = "id") -> list[dict]:
+    """``records`` in an order drawn from the run seed and each record's prompt id
+    (``key``); callers cap it by taking the first N. Stage 1 writes every self-instruct prompt before
+    the TGRT ones, so a cap over the file order would leave out every red-team prompt. The
+    order depends only on the seed and the ids: a resumed run sees the same chunks, and
+    stages 2 and 4 capped alike answer the same prompts."""
+    return sorted(records, key=lambda r: (stable_hash([seed, "prompt order", r[key]]), r[key]))
 
 
 class PromptsConfig(StageConfig):
@@ -69,7 +79,7 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     stats["self_instruct"]["rounds"] = sum(1 for r in rounds if r["phase"] == "self_instruct")
     stats["tgrt"].update(
         topic_rounds=sum(1 for r in rounds if r["phase"] == TOPIC_PHASE),
-        topics_brainstormed=len(topics),
+        topics_brainstormed=sum(t["round"] >= 0 for t in topics),
         types=len(per_type),
         types_without_topics=sorted(set(t["type"] for t in topics) - set(per_type)),
         topics_per_type=min(per_type.values(), default=0),

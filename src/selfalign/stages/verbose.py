@@ -26,7 +26,7 @@ from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_
 from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
 from selfalign.errors import InputError
 from selfalign.pipeline import Batch, StageContext, stage
-from selfalign.stages.prompts import prompt_text
+from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
@@ -66,7 +66,9 @@ def load_exemplar(path: Path | None) -> VerboseExemplar:
     return validate_file(VerboseExemplar, Path(path or DEFAULT_VERBOSE_EXEMPLAR))
 
 
-NGramPenalties = dict[Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0)]]
+NGramPenalties = dict[
+    Annotated[int, Field(ge=1)], Annotated[float, Field(ge=0, allow_inf_nan=False)]
+]
 
 
 class VerboseConfig(StageConfig):
@@ -75,7 +77,12 @@ class VerboseConfig(StageConfig):
         description="what the teacher answers: every stage-1 prompt (the reference "
         "implementation), or only the prompts whose stage-2 answer was kept",
     )
-    max_prompts: int | None = Field(None, ge=1, description="answer only the first N prompts")
+    max_prompts: int | None = Field(
+        None,
+        ge=1,
+        description="answer only N prompts: the first N of the seeded order "
+        "stage 2 uses, so both answer the same prompts",
+    )
     RUN_NAME_FIELD = "assistant_name"
 
     assistant_name: str = Field(DEFAULT_ASSISTANT_NAME, description="from the run's assistant_name")
@@ -211,9 +218,10 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
 def teacher_questions(ctx: StageContext, cfg: VerboseConfig) -> list[tuple[str, str]]:
     """(stage-1 prompt id, user turn text) for every prompt the teacher answers."""
     if cfg.prompts_from == "aligned":
-        items = [(r["prompt_id"], r["prompt"]) for r in ctx.inputs("aligned")]
+        kept = sample_prompts(ctx.inputs("aligned"), ctx.seed, key="prompt_id")
+        items = [(r["prompt_id"], r["prompt"]) for r in kept]
     else:
-        items = [(p["id"], prompt_text(p)) for p in ctx.inputs("prompts")]
+        items = [(p["id"], prompt_text(p)) for p in sample_prompts(ctx.inputs("prompts"), ctx.seed)]  # fmt: skip
     return list(dict.fromkeys(items))[: cfg.max_prompts]
 
 

@@ -99,8 +99,8 @@ class TrainConfig(BaseModel):
             and self.global_batch_size % self.per_device_batch_size
         ):
             raise ValueError(
-                f"global_batch_size {self.global_batch_size} is not a multiple of "
-                f"per_device_batch_size {self.per_device_batch_size}"
+                f"global_batch_size {self.global_batch_size} (768, the method's, unless set) "
+                f"is not a multiple of per_device_batch_size {self.per_device_batch_size}"
             )
         return self
 
