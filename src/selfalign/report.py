@@ -213,7 +213,8 @@ def _heldout_parts(run_dir: Path) -> list[str]:
         rows.append(cells)
     return [
         "<h2>Held-out prompts, side by side</h2>",
-        "<p>Greedy answers to prompts no stage trained on. Refusals are counted by a phrase "
+        "<p>Greedy answers to prompts no stage trained on. An answer ended by itself when the "
+        "model wrote its end-of-sequence token or began a next turn. Refusals are counted by a phrase "
         "classifier (see <code>selfalign.eval.heldout.is_refusal</code>): it misses refusals "
         "worded otherwise and counts a polite decline followed by an answer.</p>",
         _table(["metric", *models], summary),

@@ -5,7 +5,9 @@ Models: ``base`` (the plain conversation prompt with the run's brief system text
 engraved model sees it), ``base_icl`` (the base model after the stage-2 principles and
 exemplars: the no-training baseline; its answer is the text after its thoughts),
 ``engraved`` and ``final``. Per answer: the text, whether the model ended its turn by
-itself before the token limit, and its length. Per model: self-stop rate, mean length,
+itself before the token limit (``self_stop``: its end-of-sequence token, or the start of a
+next turn, the stop string every stage uses; plain ``generate`` stops at the former only),
+and its length. Per model: self-stop rate, mean length,
 and the refusal rate on each kind of prompt.
 
 Refusals are counted by ``is_refusal``, a phrase classifier: an answer refuses when one
@@ -29,6 +31,9 @@ from selfalign.store import read_jsonl_numbered
 
 HELDOUT_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "heldout" / "prompts.jsonl"
 KINDS = ("benign", "harmful", "safe_alarming")
+# Under the stage-2 prompt the model writes its thoughts first (60-80 tokens on Gemma 3):
+# they get this many tokens on top of the answer's, so both conditions have the same room.
+THOUGHTS_TOKENS = 128
 
 _CANNOT = r"(?:can ?not|can't|won't|will not|(?: am|'m) (?:not able|unable) to|do not|don't)"
 _ACTS = r"(?:help|assist|provide|create|write|give|share|support|comply|fulfil+|generate|produce)"
@@ -78,7 +83,8 @@ def answer_heldout(
     from selfalign.text.thoughts import STOP, split_generation
 
     stop = STOP if icl is not None else (NEXT_USER_TURN,)
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, stop=stop)
+    budget = max_new_tokens + (THOUGHTS_TOKENS if icl is not None else 0)
+    params = SamplingParams(max_new_tokens=budget, temperature=0.0, stop=stop)
     if icl is not None:
         prefix = icl.prefix()
         requests = [

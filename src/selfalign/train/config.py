@@ -99,8 +99,9 @@ class TrainConfig(BaseModel):
             and self.global_batch_size % self.per_device_batch_size
         ):
             raise ValueError(
-                f"global_batch_size {self.global_batch_size} (768, the method's, unless set) "
-                f"is not a multiple of per_device_batch_size {self.per_device_batch_size}"
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"per_device_batch_size {self.per_device_batch_size} (768, the method's, is "
+                "the default: set global_batch_size to change it)"
             )
         return self
 
