@@ -70,7 +70,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, sha256: str | None = None) -
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or set(missing) - tied:
         raise RuntimeError(f"GGUF weights do not fit the rebuilt model: {missing} {unexpected}")
-    model.tie_weights()
     del loaded
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
