@@ -71,15 +71,20 @@ def test_status_of_a_non_run_directory(tmp_path: Path) -> None:
     assert result.stderr.strip() == f"error: {tmp_path}: not a run directory (no manifest.json)"
 
 
-def test_one_assistant_name_reaches_every_stage(tmp_path: Path, tiny_model: Path) -> None:
-    from selfalign.config import load_run_config
-
+def named_run_config(tmp_path: Path, tiny_model: Path) -> Path:
+    """A config naming the assistant once, with the three stages that use the name."""
     config = tmp_path / "config.yaml"
     config.write_text(
         f"model: {tiny_model}\nassistant_name: Wren\n"
         "stages:\n  aligned: {}\n  engraved: {}\n  verbose: {}\n"
     )
-    _, stages = load_run_config(config)
+    return config
+
+
+def test_one_assistant_name_reaches_every_stage(tmp_path: Path, tiny_model: Path) -> None:
+    from selfalign.config import load_run_config
+
+    _, stages = load_run_config(named_run_config(tmp_path, tiny_model))
     assert stages["aligned"].final_name == "Wren"
     assert stages["aligned"].generation_name != "Wren"  # the code name stays apart
     assert stages["engraved"].assistant_name == stages["verbose"].assistant_name == "Wren"
@@ -89,11 +94,7 @@ def test_the_resolved_config_a_run_writes_loads_again(tmp_path: Path, tiny_model
     from selfalign.config import load_run_config
     from selfalign.pipeline import Runner
 
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        f"model: {tiny_model}\nassistant_name: Wren\n"
-        "stages:\n  aligned: {}\n  engraved: {}\n  verbose: {}\n"
-    )
+    config = named_run_config(tmp_path, tiny_model)
     run, stages = load_run_config(config)
     Runner(run, stages, tmp_path / "run", config).write_config()
     again, stages_again = load_run_config(tmp_path / "run" / "config.yaml")

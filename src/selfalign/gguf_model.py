@@ -14,6 +14,7 @@ reused only when its ``conversion.json`` names the GGUF checksum the package exp
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -52,7 +53,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, sha256: str | None = None) -
     safetensors + tokenizer), written in a temporary folder and renamed into place.
     An existing ``out_dir`` converted from the same checksum is reused as it is."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     sha256 = sha256 or file_sha256(gguf_path)
@@ -61,7 +62,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, sha256: str | None = None) -
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    config = copy.deepcopy(loaded.config)  # (reading the GGUF a third time is slow)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # Rebuilt from the config alone: no quantization_config, so save_pretrained works.

@@ -56,18 +56,15 @@ def is_refusal(answer: str) -> bool:
 def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
     """``{"id", "kind", "prompt", ...}`` per line; ``kind`` one of ``KINDS``."""
     path = Path(path or HELDOUT_PROMPTS)
-    rows = []
-    for line, row in read_jsonl_numbered(path):
+    rows = read_jsonl_numbered(path)  # objects, at least one (else an InputError)
+    for line, row in rows:
         for key in ("id", "prompt", "kind"):
-            if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key]:
+            if not isinstance(row.get(key), str) or not row[key]:
                 raise InputError("missing or empty string", file=path, line=line, field=key)
         if row["kind"] not in KINDS:
             raise InputError(f"must be one of {', '.join(KINDS)}", file=path, line=line,
                              field="kind")  # fmt: skip
-        rows.append(row)
-    if not rows:
-        raise InputError("no prompts", file=path)
-    return rows
+    return [row for _, row in rows]
 
 
 def answer_heldout(

@@ -262,18 +262,18 @@ def build(cfg: AlignedConfig) -> tuple[StagePrompt, Judge]:
 def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict[str, Any]:
     """Principle usage, kept-answer shape, refusals per prompt source and red-team type,
     and leaks per copied source."""
-    annotations = load_annotations(ctx.config.principles, ctx.config.exemplars)
+    prompt, _ = build(ctx.config)
     leaks = Counter(d.get("leak_source") for d in dropped if d["reason"] == "leaked_exemplar")
     rows = [*records, *dropped]
     return {
-        **principle_usage(records, annotations),
+        **principle_usage(records, prompt.annotations),
         **answer_stats(records),
         "refusals": {
             "by_source": refusal_counts(rows, "source"),
             "by_type": refusal_counts(rows, "type"),
         },
         "leak_sources": dict(sorted(leaks.items(), key=lambda kv: (-kv[1], str(kv[0])))),
-        "exemplar_openings": exemplar_openings(records, build(ctx.config)[0]),
+        "exemplar_openings": exemplar_openings(records, prompt),
     }
 
 

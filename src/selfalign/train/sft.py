@@ -227,15 +227,17 @@ def build_trainer(
     *,
     system_text: str,
     callbacks: list[TrainerCallback] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     plan: TrainPlan | None = None,
 ) -> SFTTrainer:
-    """The ready-to-train ``SFTTrainer``; its ``train_dataset`` holds the tokenised labels."""
+    """The ready-to-train ``SFTTrainer``; its ``train_dataset`` holds the tokenised labels.
+    ``tokenizer`` and ``plan``: ``load_tokenizer`` and ``plan_training``, if already made."""
     base_model, out_dir = Path(base_model).resolve(), Path(out_dir)
     check_base_model(base_model)
     check_method(config)
     dataset = conversation_dataset(examples, system_text)
     precision = resolve_precision(config)
-    tokenizer = load_tokenizer(base_model, config, system_text)
+    tokenizer = tokenizer or load_tokenizer(base_model, config, system_text)
     plan = plan or plan_training(examples, tokenizer, config, system_text)
     # before the model: DeepSpeed ZeRO-3 init
     args = sft_arguments(config, out_dir, precision, plan.warmup_steps)
@@ -286,15 +288,14 @@ def train_sft(
     check_method(config)
     ckpt_dir = out_dir / CHECKPOINT_SUBDIR
     fingerprint = inputs_fingerprint(examples, base_model, config, system_text)
-    plan = plan_training(
-        examples, load_tokenizer(base_model, config, system_text), config, system_text
-    )
+    tokenizer = load_tokenizer(base_model, config, system_text)
+    plan = plan_training(examples, tokenizer, config, system_text)
     if is_main_process():
         for warning in plan.warnings:
             log.warning(warning)
     trainer = build_trainer(
         examples, base_model, out_dir, config, system_text=system_text, callbacks=callbacks,
-        plan=plan,
+        tokenizer=tokenizer, plan=plan,
     )  # fmt: skip
     resume_from = resume_point(ckpt_dir, fingerprint, config.resume)
     if resume_from:
