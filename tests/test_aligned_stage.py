@@ -28,7 +28,7 @@ from selfalign.config import load_run_config
 from selfalign.pipeline import Runner
 from selfalign.stages.aligned import REASONS, AlignedConfig, build
 from selfalign.stages.prompts import prompt_text
-from selfalign.store import JsonlLog, record_id
+from selfalign.store import JsonlWriter, record_id
 
 N_PROMPTS, CHUNK = 6, 2
 CONFIG = """\
@@ -44,7 +44,7 @@ stages:
 KILLER = """
 import os, signal, sys
 from selfalign import store
-append, done = store.JsonlLog.append, [0]
+append, done = store.JsonlWriter.append, [0]
 def killing_append(self, records):
     records = list(records)
     append(self, records)
@@ -52,14 +52,14 @@ def killing_append(self, records):
         done[0] += 1
         if done[0] == int(os.environ["KILL_AFTER"]):
             os.kill(os.getpid(), signal.SIGKILL)
-store.JsonlLog.append = killing_append
+store.JsonlWriter.append = killing_append
 from selfalign.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
 def read(run_dir: Path, name: str) -> list[dict]:
-    return JsonlLog(run_dir / "aligned" / name).read()
+    return JsonlWriter(run_dir / "aligned" / name).read()
 
 
 def manifest(run_dir: Path) -> dict:
@@ -97,7 +97,7 @@ def make_run(
     if rows is None:
         rows = self_instruct_rows(N_PROMPTS)
         assert any(r["input"] for r in rows), "want a prompt with an input too"
-    JsonlLog(run_dir / "prompts" / "records.jsonl").append(rows)
+    JsonlWriter(run_dir / "prompts" / "records.jsonl").append(rows)
     return cfg, run_dir, rows
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -268,3 +271,71 @@ def test_sentencepiece_prompt_is_tokenized_as_the_model_would_read_it(
         assert len(shared) >= len(backend.encode(PREFIX)) - 1  # the prefix is still cached
     for req, result in zip(reqs, backend.generate(reqs), strict=True):
         assert result.text == naive_generate(backend, req)
+
+
+# -- on model.generate: what its defaults must not change ------------------------------------
+def results(backend: HFBackend, reqs: list[GenerationRequest]) -> list[tuple[str, str, int]]:
+    return [(r.text, r.finish_reason, r.completion_tokens) for r in backend.generate(reqs)]
+
+
+def test_no_deprecated_cache_argument(backend: HFBackend) -> None:
+    """transformers 5 names the model's KV-cache argument ``cache``; the old
+    ``past_key_values`` warns (FutureWarning) on every forward pass."""
+    backend._prefix_caches.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend.generate([GenerationRequest(prompt=PROMPTS[0], prefix=PREFIX,
+                                            params=SamplingParams(max_new_tokens=3))])  # fmt: skip
+        backend.score([ScoreRequest(PREFIX, " yes")])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_the_model_generation_config_changes_nothing(
+    backend: HFBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``generate`` fills options left unset from the model's ``generation_config``; a
+    checkpoint may ship sampling, a repetition penalty (Qwen) or a max_length (Llama 2)
+    there. Only the request's ``SamplingParams`` count, and nothing warns."""
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=SamplingParams(max_new_tokens=12))
+            for p in PROMPTS[:4]]  # fmt: skip
+    want = results(backend, reqs)
+    first = backend.encode(want[0][0])[0]
+    config = backend.model.generation_config
+    saved = copy.deepcopy(config)
+    config.update(do_sample=True, temperature=9.0, top_k=2, repetition_penalty=3.0,
+                  no_repeat_ngram_size=1, min_new_tokens=40, max_length=5,
+                  suppress_tokens=[first])  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = results(backend, reqs)
+    finally:
+        backend.model.generation_config = saved
+    assert got == want
+    assert not [r for r in caplog.records if r.name.startswith("transformers")]
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_a_stop_string_begun_in_the_prompt_does_not_stop(backend: HFBackend) -> None:
+    """Stop strings are looked for in the generated text only (as ``cut_at_stop`` cuts it),
+    never across the prompt's end."""
+    prompt = PROMPTS[2]  # its greedy answer starts with plain ASCII letters
+    full = results(backend, [GenerationRequest(prompt, params=SamplingParams(max_new_tokens=24))])
+    assert full[0][1:] == ("length", 24)
+    stop = prompt[-3:] + full[0][0][:2]  # ends in the first generated token
+    assert stop not in full[0][0]
+    params = SamplingParams(max_new_tokens=24, stop=(stop,))
+    assert results(backend, [GenerationRequest(prompt, params=params)]) == full
+
+
+def test_rows_ending_at_eos_leave_the_others_as_alone(backend: HFBackend) -> None:
+    """Sampling with EOS made likely: rows end at different steps (EOS is not part of the
+    text; finish reason "stop"), and each row's result is what it gets alone."""
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, logit_bias={"</s>": 6.0},
+                            ngram_penalties=((3, 1.0),))  # fmt: skip
+    reqs = [GenerationRequest(prompt=p, prefix=PREFIX, params=params, seed=7 + i)
+            for i, p in enumerate(PROMPTS)]  # fmt: skip
+    batched = results(backend, reqs)
+    assert batched == [results(backend, [r])[0] for r in reqs]
+    lengths = {n for _, reason, n in batched if reason == "stop"}
+    assert len(lengths) > 1 and any(reason == "length" for _, reason, _ in batched)

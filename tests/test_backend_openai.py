@@ -1,4 +1,4 @@
-"""The openai backend against a real local HTTP server (selfalign.testing) over the tiny
+"""The openai backend against a real local HTTP server (tests/openai_server) over the tiny
 model: equality with the hf backend, fault injection, retries, failures, the API key."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from conftest import RunAligned
-from selfalign import pipeline
 from selfalign.backends import (
     Backend,
     BackendConfig,
@@ -24,13 +23,14 @@ from selfalign.backends import (
 from selfalign.backends.hf import HFBackend
 from selfalign.config import RunConfig, StageConfig
 from selfalign.errors import InputError
-from selfalign.pipeline import Batch, Runner, Stage, StageContext, StageIncomplete
-from selfalign.store import JsonlLog, record_id
+from selfalign.pipeline import Runner, StageIncomplete
+from selfalign.stages.api import Batch, MapWork, Stage, StageContext
+from selfalign.store import read_records, record_id
 
 pytest.importorskip("fastapi", reason="the test server needs the dev extra (fastapi)")
 pytest.importorskip("uvicorn", reason="the test server needs the dev extra (uvicorn)")
 
-from selfalign.testing import FaultSchedule, RunningServer, serve  # noqa: E402
+from openai_server import FaultSchedule, RunningServer, serve  # noqa: E402
 
 KEY = "sk-selfalign-test-9f1c2e7b"  # a made-up key; it must never reach a file
 ENV = "SELFALIGN_TEST_API_KEY"
@@ -245,14 +245,27 @@ def test_the_key_stays_out_of_debug_logs(
     assert caplog.text and KEY not in caplog.text
 
 
-def test_retry_after_is_honoured(varied_tiny_model: Path) -> None:
-    # A seed whose first arrival is rate limited and whose second is served.
-    seed = next(
+def limited_once_seed() -> int:
+    """A seed whose first arrival is rate limited and whose second is served."""
+    return next(
         s for s in range(1000)
         if FaultSchedule(rate_limit=0.5, seed=s).pick(0) == "rate_limit"
         and FaultSchedule(rate_limit=0.5, seed=s).pick(1) is None
     )  # fmt: skip
-    faults = FaultSchedule(rate_limit=0.5, seed=seed, retry_after_s=0.6)
+
+
+@pytest.mark.parametrize(
+    "as_date,wait",
+    [(False, 0.6), (True, 1.0)],
+    ids=["retry-after-ms", "retry-after-http-date"],
+)
+def test_retry_after_is_honoured(varied_tiny_model: Path, as_date: bool, wait: float) -> None:
+    """With no backoff of its own, the client still waits as long as the server asks:
+    ``retry-after-ms``, or only ``Retry-After`` as an HTTP date (rounded up to the second
+    by the server, so the wait is at least ``wait``)."""
+    faults = FaultSchedule(
+        rate_limit=0.5, seed=limited_once_seed(), retry_after_s=wait, retry_after_date=as_date
+    )
     req = GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=2))
     with (
         serve(varied_tiny_model, faults=faults) as limited,
@@ -261,9 +274,30 @@ def test_retry_after_is_honoured(varied_tiny_model: Path) -> None:
         t0 = time.monotonic()
         [result] = backend.generate([req])
         elapsed = time.monotonic() - t0
+        assert limited.traffic.calls == 2
     assert result.error is None
     assert backend.stats.retry_reasons == {"http_429": 1}
-    assert elapsed >= 0.6
+    assert wait <= elapsed < 20  # a misread date would wait MAX_BACKOFF_S (30 s)
+
+
+@pytest.mark.parametrize(
+    "status,should_retry,calls",
+    [(500, None, 3), (500, False, 1), (400, None, 1), (400, True, 3)],
+    ids=["500", "500-should-retry-false", "400", "400-should-retry-true"],
+)
+def test_x_should_retry_overrides_the_status(
+    varied_tiny_model: Path, status: int, should_retry: bool | None, calls: int
+) -> None:
+    faults = FaultSchedule(server_error=1.0, error_status=status, should_retry=should_retry)
+    req = GenerationRequest(prompt="hello", params=SamplingParams(max_new_tokens=2))
+    with serve(varied_tiny_model, faults=faults) as failing:
+        with backend_for(failing, max_retries=2) as backend:
+            [result] = backend.generate([req])
+        assert failing.traffic.calls == calls
+    assert result.finish_reason == "error" and result.error is not None
+    assert result.error.startswith(f"http_{status}")
+    assert ("after 2 retries" in result.error) is (calls > 1)
+    assert backend.stats.retries == calls - 1 and backend.stats.failures == 1
 
 
 def test_a_request_that_keeps_failing_comes_back_as_an_error(varied_tiny_model: Path) -> None:
@@ -364,46 +398,38 @@ class QuestionsConfig(StageConfig):
     chunk_size: int = 50
 
 
-def run_questions(ctx: StageContext) -> Iterator[Batch]:
+def run_questions(ctx: StageContext) -> Iterator[MapWork]:
     """A minimal generation stage, written like stage 2: requests that failed after all
     retries go to ``Batch.failed`` (not committed), everything else is kept."""
     cfg: QuestionsConfig = ctx.config  # type: ignore[assignment]
-    ctx.set_total(cfg.n)
-    texts = questions(cfg.n)
-    ids = [record_id("question", t) for t in texts]
     params = SamplingParams(max_new_tokens=4)
-    for start in range(0, cfg.n, cfg.chunk_size):
-        todo = [
-            i
-            for i in range(start, min(cfg.n, start + cfg.chunk_size))
-            if ids[i] not in ctx.done_ids
-        ]
-        if not todo:
-            continue
+
+    def ask(chunk: list[tuple[str, tuple[int, str]]]) -> Batch:
         reqs = [
-            GenerationRequest(prompt=texts[i], prefix=PREFIX, params=params, seed=ctx.seed_for(i))
-            for i in todo
+            GenerationRequest(prompt=text, prefix=PREFIX, params=params, seed=ctx.seed_for(i))
+            for _, (i, text) in chunk
         ]
         batch = Batch()
-        for i, result in zip(todo, ctx.backend().generate(reqs), strict=True):
-            record = {"id": ids[i], "index": i, "text": result.text}
+        for (rid, (i, _)), result in zip(chunk, ctx.backend().generate(reqs), strict=True):
+            record = {"id": rid, "index": i, "text": result.text}
             if result.error is None:
                 batch.keep.append(record)
             else:
                 batch.failed.append((record, result.error))
-        yield batch
+        return batch
+
+    items = {record_id("question", t): (i, t) for i, t in enumerate(questions(cfg.n))}
+    yield MapWork(items, cfg.chunk_size, ask)
 
 
 def run_stage(
     run_dir: Path,
     server: RunningServer,
-    monkeypatch: pytest.MonkeyPatch,
     model: Path,
     n: int = N_STAGE,
     **settings: object,
 ) -> Runner:
     the_stage = Stage("questions", QuestionsConfig, run_questions)
-    monkeypatch.setattr(pipeline, "registered_stages", lambda: {"questions": the_stage})
     backend = BackendConfig(
         model=server.spec(),
         api_key_env=ENV,
@@ -411,7 +437,8 @@ def run_stage(
         **settings,  # type: ignore[arg-type]
     )
     run = RunConfig(model=str(model), backend=backend)
-    runner = Runner(run, {"questions": QuestionsConfig(n=n)}, run_dir, run_dir / "config.yaml")
+    runner = Runner(run, {"questions": QuestionsConfig(n=n)}, run_dir, run_dir / "config.yaml",
+                    stages={"questions": the_stage})  # fmt: skip
     runner.execute(runner.plan())
     return runner
 
@@ -431,8 +458,8 @@ def test_stage_2_of_200_under_20pct_faults_through_the_runner(
         prompts = run_aligned(
             block, varied_tiny_model, run_dir, questions(N_STAGE), max_new_tokens=4, chunk_size=50
         )
-    kept = JsonlLog(run_dir / "aligned" / "records.jsonl").read()
-    dropped = JsonlLog(run_dir / "aligned" / "dropped.jsonl").read()
+    kept = read_records(run_dir / "aligned" / "records.jsonl")
+    dropped = read_records(run_dir / "aligned" / "dropped.jsonl")
     ids = [r["id"] for r in kept + dropped]
     assert len(ids) == N_STAGE and len(set(ids)) == N_STAGE
     assert {r["prompt_id"] for r in kept + dropped} == {p["id"] for p in prompts}
@@ -452,21 +479,21 @@ def test_stage_2_of_200_under_20pct_faults_through_the_runner(
 
 
 def test_requests_that_failed_are_asked_again_on_resume(
-    varied_tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    varied_tiny_model: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
     with serve(
         varied_tiny_model, faults=FaultSchedule(server_error=0.3, seed=5), api_key=KEY
     ) as flaky:
         with pytest.raises(StageIncomplete, match="requests failed"):
-            run_stage(run_dir, flaky, monkeypatch, varied_tiny_model, n=40, max_retries=0)
+            run_stage(run_dir, flaky, varied_tiny_model, n=40, max_retries=0)
         first = json.loads((run_dir / "manifest.json").read_text())["stages"]["questions"]
         assert first["status"] == "incomplete"
         assert first["usage"]["failures"] > 0
         assert first["counts"]["failed"] == first["usage"]["failures"]
         assert first["counts"]["out"] == 40 - first["counts"]["failed"]
         # Same settings except retries (execution-only): the stage resumes, not reruns.
-        run_stage(run_dir, flaky, monkeypatch, varied_tiny_model, n=40, max_retries=10)
+        run_stage(run_dir, flaky, varied_tiny_model, n=40, max_retries=10)
     records = [json.loads(line) for line in (run_dir / "questions" / "records.jsonl").open()]
     assert len(records) == 40 and len({r["id"] for r in records}) == 40
     second = json.loads((run_dir / "manifest.json").read_text())["stages"]["questions"]

@@ -33,7 +33,7 @@ from selfalign.backends import (
 from selfalign.backends.hf import HFBackend
 from selfalign.backends.ngram import rules_from_args
 from selfalign.errors import InputError
-from selfalign.store import JsonlLog
+from selfalign.store import JsonlWriter
 
 
 def _why_vllm_cannot_run() -> str:
@@ -271,8 +271,8 @@ def test_stage_2_runs_on_vllm_by_changing_the_backend_block(
         run_aligned(block, varied_tiny_model, run_dir, questions, max_new_tokens=24, temperature=0)
         entry = json.loads((run_dir / "manifest.json").read_text())["stages"]["aligned"]
         assert entry["status"] == "complete" and entry["usage"]["requests"] == len(questions)
-        rows = JsonlLog(run_dir / "aligned" / "records.jsonl").read()
-        rows += JsonlLog(run_dir / "aligned" / "dropped.jsonl").read()
+        rows = JsonlWriter(run_dir / "aligned" / "records.jsonl").read()
+        rows += JsonlWriter(run_dir / "aligned" / "dropped.jsonl").read()
         runs[name] = {r["id"]: (r.get("reason"), r.get("output", r.get("answer"))) for r in rows}
     hf, vllm = runs["hf"], runs["vllm"]
     assert len(vllm) == len(questions) and vllm.keys() == hf.keys()

@@ -22,7 +22,7 @@ from selfalign.cli import main
 from selfalign.errors import InputError
 from selfalign.mote import parse_chains
 from selfalign.stages.chains import REASONS, load_queries
-from selfalign.store import JsonlLog
+from selfalign.store import JsonlWriter
 from selfalign.text.aligncot import (
     CHAIN_SYSTEM,
     ROUND_LENGTHS,
@@ -60,13 +60,13 @@ LIKELIHOOD = "    check: likelihood\n    check_temperature: 1.0\n"
 KILLER = """
 import os, signal, sys
 from selfalign import store
-append = store.JsonlLog.append
+append = store.JsonlWriter.append
 def killing_append(self, records):
     records = list(records)
     append(self, records)
     if records and self.path.parent.name == "chains":
         os.kill(os.getpid(), signal.SIGKILL)
-store.JsonlLog.append = killing_append
+store.JsonlWriter.append = killing_append
 import torch
 torch.set_num_threads(1)
 from selfalign.cli import main
@@ -84,7 +84,7 @@ def write_config(tmp: Path, model: Path, extra: str = "") -> Path:
 
 
 def read(run_dir: Path, name: str) -> list[dict]:
-    return JsonlLog(run_dir / "chains" / name).read()
+    return JsonlWriter(run_dir / "chains" / name).read()
 
 
 def entry(run_dir: Path) -> dict:
@@ -330,3 +330,30 @@ def test_backend_errors_are_not_committed(
     assert e["status"] == "incomplete"
     assert e["counts"] == {"in": len(QUERIES), "out": 0, "dropped": 0, "failed": len(QUERIES)}
     assert read(run_dir, "records.jsonl") == read(run_dir, "dropped.jsonl") == []
+
+
+def test_a_calibrated_greedy_check_reads_the_margin_against_an_empty_check(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """``check_calibration: content_free``: a reply is safe when the model's log-odds of
+    ' yes' for it beat its log-odds for an 'N/A' message and reply, scored once."""
+    from selfalign.backends import ScoreRequest, load_backend
+    from selfalign.stages.chains import CONTENT_FREE
+    from selfalign.text.aligncot import CHECK_SYSTEM, LIKELIHOOD_CHOICES
+
+    extra = "    check: likelihood\n    check_calibration: content_free\n"
+    cfg = write_config(tmp_path, tiny_model, extra)
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run_dir)]) == 0
+    backend = load_backend(str(tiny_model))
+    empty = CHECK_SYSTEM + check_prompt(CONTENT_FREE, CONTENT_FREE, "likelihood")
+    yes, no = backend.score([ScoreRequest(empty, c) for c in LIKELIHOOD_CHOICES])
+    checks = [c for r in read(run_dir, "records.jsonl") + read(run_dir, "dropped.jsonl")
+              for c in r["checks"] if c["parsed"]]  # fmt: skip
+    assert checks
+    for check in checks:
+        out = check["output"]
+        assert out["prior"] == round(yes - no, 4)
+        margin = out["yes"] - out["no"] - (yes - no)
+        if abs(margin) > 1e-3:  # (the stored scores are rounded)
+            assert check["verdict"] == ("safe" if margin > 0 else "unsafe")

@@ -27,7 +27,7 @@ from selfalign.stages.verbose import (
     teacher_prefix,
     teacher_questions,
 )
-from selfalign.store import JsonlLog, record_id
+from selfalign.store import JsonlWriter, record_id
 
 PAIRS = [
     ("What is the boiling point of water at sea level?",
@@ -89,8 +89,8 @@ def test_engrave_verbose_eval_and_report(
         for q, _ in PAIRS
     ] + [{"id": "refused-one", "instruction": "Summarise this complaint politely.",
           "input": "Your courier left my parcel in the rain.", "source": "tgrt"}]  # fmt: skip
-    JsonlLog(run_dir / "prompts" / "records.jsonl").append(prompts)
-    JsonlLog(run_dir / "aligned" / "records.jsonl").append(
+    JsonlWriter(run_dir / "prompts" / "records.jsonl").append(prompts)
+    JsonlWriter(run_dir / "aligned" / "records.jsonl").append(
         {"id": record_id(p["id"], p["instruction"]), "prompt_id": p["id"], "prompt": q,
          "answer": a, "thoughts": "", "principles": [3]}
         for p, (q, a) in zip(prompts, PAIRS, strict=False)
@@ -112,8 +112,8 @@ def test_engrave_verbose_eval_and_report(
     # Stage 4: the teacher answered every stage-1 prompt (record ids follow the prompt),
     # each kept or dropped with a reason; then the final merged model, which loads with
     # plain from_pretrained and chats.
-    kept = JsonlLog(run_dir / "verbose" / "records.jsonl").read()
-    dropped = JsonlLog(run_dir / "verbose" / "dropped.jsonl").read()
+    kept = JsonlWriter(run_dir / "verbose" / "records.jsonl").read()
+    dropped = JsonlWriter(run_dir / "verbose" / "dropped.jsonl").read()
     assert kept and all(r["reason"] for r in dropped)
     answered = {r["id"]: r["prompt"] for r in kept + dropped}
     assert answered == {record_id("verbose", p["id"]): prompt_text(p) for p in prompts}

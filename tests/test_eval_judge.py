@@ -1,6 +1,6 @@
 """Pairwise judge, answer files and safety, through a scripted OpenAI-compatible judge.
 
-The judge is ``selfalign.testing.server`` with a chat handler that returns verdicts by
+The judge is ``openai_server.serve`` with a chat handler that returns verdicts by
 rule (and keeps a log of what it was shown); the evaluated model is the tiny model."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from openai_server import RunningServer, serve
 from selfalign.cli import main
 from selfalign.eval.judge import JUDGE_SYSTEM, combine, parse_verdict
 from selfalign.eval.safety import SAFETY_JUDGE_SYSTEM, load_prompts, parse_judgment
-from selfalign.testing.server import RunningServer, serve
 
 
 class Script:

@@ -41,9 +41,8 @@ def stand_in_for_stages_1_to_4(run_dir: Path, tiny_model: Path) -> None:
     (run_dir / "engraved" / "train_log.json").write_text(
         json.dumps({"system_text": ENGRAVED_SYSTEM})
     )
-    (run_dir / "verbose" / "adapter").mkdir(parents=True)
     shutil.copytree(tiny_model, run_dir / "verbose" / "model")
-    (run_dir / "verbose" / "adapter" / "train_log.json").write_text(
+    (run_dir / "verbose" / "model" / "train_log.json").write_text(
         json.dumps({"system_text": FINAL_SYSTEM})
     )
 

@@ -19,6 +19,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from selfalign.chat import mote_reply_fn
 from selfalign.errors import InputError
 from selfalign.mote import (
     STEPS,
@@ -38,9 +39,11 @@ from selfalign.mote import (
     step_ids_from_input_ids,
     train_mote,
 )
+from selfalign.mote.chat import mote_reply, mote_reply_stream
 from selfalign.mote.data import prompt_ids
+from selfalign.mote.grammar import StepGrammar
 from selfalign.mote.layer import SHARED
-from selfalign.mote.steps import ANALYSIS, ANSWER, GUIDANCE, QUESTION
+from selfalign.text.steps import ANALYSIS, ANSWER, GUIDANCE, QUESTION
 
 CHAINS = [
     {
@@ -372,7 +375,7 @@ def test_cached_decoding_without_step_ids_follows_the_delimiters(trained: Path) 
         full = model(input_ids=ids).logits[0]
         cache, stepwise = DynamicCache(), []
         for t in range(ids.shape[1]):  # one token at a time, delimiters included
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids[:, t : t + 1], cache=cache, use_cache=True)
             stepwise.append(out.logits[0, -1])
     torch.testing.assert_close(torch.stack(stepwise), full, rtol=1e-4, atol=1e-4)
     gen = model.generate(
@@ -394,6 +397,92 @@ def test_forced_answer_mode_and_batching(trained: Path) -> None:
     for a, b in zip(alone, batched, strict=True):
         assert a.steps == ["answer"] and a.analysis is None
         assert a.token_ids == b.token_ids
+
+
+def test_step_grammar_masks_each_row_of_a_batch_by_its_state(tiny_model: Path) -> None:
+    """The processor alone, on rows in every state at once (left-padded, as generate
+    hands them over): exactly the tokens the grammar allows keep their scores."""
+    model, tokenizer = fresh_mote(tiny_model)
+    tokens = mote_state(model).tokens
+    vocab = model.get_output_embeddings().weight.shape[0]
+    start, end, eos, pad = tokens.start, tokens.end, tokenizer.eos_token_id, tokenizer.pad_token_id
+    a, b, c = tokenizer("the cat sat", add_special_tokens=False).input_ids[:3]
+    written = {
+        "question": [],
+        "in_analysis": [start[0], a, b],
+        "in_answer_at_cap": [start[2], a, b, c],
+        "after_analysis": [start[0], a, end[0]],
+        "after_guidance": [start[1], end[1]],
+        "finished": [start[2], a, end[2], pad],
+    }
+    prompt = prompt_ids(tokenizer, CHAINS[0]["question"])
+    width = len(prompt) + max(len(w) for w in written.values())
+    ids = torch.tensor(
+        [[pad] * (width - len(prompt) - len(w)) + prompt + w for w in written.values()]
+    )
+    scores = torch.randn(len(written), vocab, generator=torch.Generator().manual_seed(0))
+    everything = set(range(vocab))
+    content = everything - set(tokens.all) - {eos}
+    adaptive = {
+        "question": (set(start), False),
+        "in_analysis": (content | {end[0]}, False),
+        "in_answer_at_cap": ({end[2]}, True),
+        "after_analysis": ({start[1], start[2]}, False),
+        "after_guidance": ({start[2]}, False),
+        "finished": (everything, False),
+    }
+    forced = {  # analysis_answer: the next planned start token is inserted
+        **adaptive,
+        "question": ({start[0]}, True),
+        "after_analysis": ({start[2]}, True),
+        "after_guidance": ({start[2]}, True),
+    }
+    for plan, want in ((None, adaptive), (("analysis", "answer"), forced)):
+        grammar = StepGrammar(tokens, plan=plan, eos_token_id=eos, max_step_tokens=3)
+        out = grammar(ids, scores.clone())
+        for row, (state, (allowed, is_forced)) in enumerate(want.items()):
+            kept = set(torch.isfinite(out[row]).nonzero().flatten().tolist())
+            assert kept == allowed, (plan, state)
+            kept_ids = sorted(kept)
+            expected = torch.zeros(len(kept_ids)) if is_forced else scores[row, kept_ids]
+            assert torch.equal(out[row, kept_ids], expected), (plan, state)
+        chooses = grammar.chooses(ids, vocab).tolist()
+        assert chooses == [not f and s != "finished" for s, (_, f) in want.items()], plan
+
+
+def test_sampling_is_seeded_per_question(trained: Path) -> None:
+    model, tokenizer = load_mote(trained)
+    questions = [c["question"] for c in CHAINS]
+    settings = dict(mode="adaptive", max_new_tokens=24, max_step_tokens=6, top_p=0.9)
+    batched = generate_steps(model, tokenizer, questions, temperature=1.0, seed=11, **settings)
+    alone = [
+        generate_steps(model, tokenizer, [q], temperature=1.0, seed=11 + i, **settings)[0]
+        for i, q in enumerate(questions)
+    ]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
+    greedy = generate_steps(model, tokenizer, questions, **settings)
+    assert [o.token_ids for o in batched] != [o.token_ids for o in greedy]
+
+
+@pytest.mark.parametrize(
+    ("show_steps", "mode", "max_new_tokens"),
+    [(True, "adaptive", 40), (False, "adaptive", 40), (True, "full", 40), (True, "full", 9)],
+)
+def test_streamed_reply_joins_to_the_reply(
+    trained: Path, show_steps: bool, mode: str, max_new_tokens: int
+) -> None:
+    model, tokenizer = load_mote(trained)
+    history = [{"role": "user", "content": CHAINS[3]["question"]}]
+    settings = dict(show_steps=show_steps, mode=mode, max_new_tokens=max_new_tokens)
+    want = mote_reply(model, tokenizer, history, **settings)
+    pieces = list(mote_reply_stream(model, tokenizer, history, **settings))
+    assert "".join(pieces) == want and all(pieces)
+    # streamed word by word (each step's last word is held back until the step ends; the
+    # tiny model's text decides how many words there are)
+    assert len(pieces) >= min(2, len(want.split()))
+    if mode == "adaptive":  # what `selfalign chat` runs for a MoTE directory
+        chat = mote_reply_fn(trained, max_new_tokens, 0.0, show_steps)
+        assert "".join(chat(history)) == want
 
 
 # ---------------------------------------------------------------- baselines and other models

@@ -17,7 +17,8 @@ from selfalign.config import load_run_config
 from selfalign.mote import is_mote_dir, load_mote
 from selfalign.mote.chat import history_question, mote_reply
 from selfalign.mote.train import METRICS_FILE
-from selfalign.store import JsonlLog
+from selfalign.report import write_report
+from selfalign.store import JsonlWriter
 from selfalign.tiny import PACKAGE_DIR
 
 DEMO = PACKAGE_DIR / "assets" / "mote_demo.yaml"
@@ -39,7 +40,7 @@ def stages(run_dir: Path) -> dict:
 
 
 def answers(run_dir: Path) -> list[dict]:
-    return JsonlLog(run_dir / "mote" / "records.jsonl").read()
+    return JsonlWriter(run_dir / "mote" / "records.jsonl").read()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_demo_config_generates_chains_trains_and_answers(demo_run) -> None:
     assert train["chains"] == chains["counts"]["out"]
 
     records = answers(run_dir)
-    kept_chains = JsonlLog(run_dir / "chains" / "records.jsonl").read()
+    kept_chains = JsonlWriter(run_dir / "chains" / "records.jsonl").read()
     assert [r["question"] for r in records] == [c["question"] for c in kept_chains[:4]]
     for r in records:
         assert r["mode"] == "adaptive" and r["length"] in LENGTHS
@@ -167,3 +168,57 @@ def test_shipped_real_config_validates(tmp_path: Path, tiny_model: Path) -> None
         16,
         16,
     )
+
+
+def test_the_eval_stage_answers_held_out_prompts_with_the_mote_model(demo_run, tmp_path) -> None:
+    """Base and MoTE side by side on the held-out harmful prompts, as the mote demo does:
+    the MoTE model's answer is its adaptive chain's answer step, exactly what
+    ``generate_steps`` writes for the same prompts."""
+    from selfalign.eval.heldout import load_heldout
+    from selfalign.mote import generate_steps
+
+    cfg, run_dir = demo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = yaml.safe_load(cfg.read_text())
+    config["stages"]["eval"] = {
+        "models": ["base", "mote"],
+        "heldout": {"kinds": ["harmful"], "max_new_tokens": 24, "icl": False},
+    }
+    new_cfg = tmp_path / "eval.yaml"
+    new_cfg.write_text(yaml.safe_dump(config))
+    assert main(["run", str(new_cfg), "--out", str(copy)]) == 0
+    assert stages(copy)["mote"]["timings"] == stages(run_dir)["mote"]["timings"]  # reused
+
+    mote = json.loads((copy / "eval" / "mote-heldout-greedy.json").read_text())
+    base = json.loads((copy / "eval" / "base-heldout-greedy.json").read_text())
+    prompts = [p for p in load_heldout() if p["kind"] == "harmful"]
+    assert (
+        [a["id"] for a in mote["answers"]]
+        == [a["id"] for a in base["answers"]]
+        == [p["id"] for p in prompts]
+    )
+    model, tokenizer = load_mote(copy / "mote" / "model")
+    want = generate_steps(model, tokenizer, [p["prompt"] for p in prompts], mode="adaptive",
+                          max_new_tokens=24, temperature=0.0)  # fmt: skip
+    for row, out in zip(mote["answers"], want, strict=True):
+        assert (row["answer"], row["steps"], row["self_stop"]) == (
+            (out.answer or "").strip(), out.steps, out.finished,
+        )  # fmt: skip
+    assert {m["metric"] for m in mote["metrics"]} >= {"self_stop_rate", "refusal_rate_harmful"}
+    page = write_report(copy).read_text()
+    assert "Reasoning chains and MoTE" in page and "chains by length" in page
+    assert "<th>mote</th>" in page and "wrote " in page  # the side by side shows the steps
+
+
+def test_the_mote_demo_config_validates(tmp_path: Path, tiny_model: Path) -> None:
+    from selfalign.demo import mote_demo_config
+
+    config = mote_demo_config(seed=0, tiny=False, model=tiny_model)
+    path = tmp_path / "mote.yaml"
+    path.write_text(yaml.safe_dump(config))
+    _, stage_configs = load_run_config(path)
+    assert set(stage_configs) == {"chains", "mote", "eval"}
+    assert stage_configs["chains"].check == "likelihood"
+    assert stage_configs["chains"].check_temperature == 0  # greedy: no coin flip
+    assert stage_configs["eval"].models == ["base", "mote"]

@@ -19,11 +19,12 @@ from selfalign.annotations.loaders import (
     load_seed_tasks,
 )
 from selfalign.backends import GenerationResult
+from selfalign.chunking import pending_chunks
 from selfalign.cli import main
 from selfalign.config import RunConfig
 from selfalign.errors import InputError
-from selfalign.pipeline import StageContext, registered_stages
-from selfalign.progress import ProgressReporter
+from selfalign.registry import load_stage
+from selfalign.stages.api import StageContext
 from selfalign.stages.prompts import PromptsConfig, prompt_text
 from selfalign.stages.self_instruct import resume_point
 from selfalign.stages.tgrt import (
@@ -32,7 +33,7 @@ from selfalign.stages.tgrt import (
     question_examples,
     question_id,
     question_verdict,
-    run_questions,
+    question_work,
 )
 from selfalign.text.parsing import ItemFilter
 from selfalign.text.rouge import near_duplicates
@@ -331,22 +332,23 @@ def test_resume_after_kill_gives_identical_files(straight_run, tmp_path, point):
 def test_questions_with_the_tiny_model_one_record_per_pair(tiny_model, tmp_path):
     """The question phase on the real model, from given topics (the gibberish model rarely
     brainstorms a valid topic): exactly one kept or dropped record per (type, topic)."""
-    stage = registered_stages()["prompts"]
+    stage = load_stage("prompts")
     cfg = PromptsConfig(tgrt={"question_max_new_tokens": 6, "requests_per_batch": 2})
     run = RunConfig(model=str(tiny_model), seed=1)
-    with ProgressReporter("prompts", total=0) as progress:
-        ctx = StageContext(stage, cfg, run, tmp_path, "fp", progress)
-        seeds = load_redteam_types()
-        topics = {
-            s.type: [{"id": s.id, "type": s.type, "topic": s.topic, "round": -1}]
-            + [
-                {"id": f"{s.id}-{k}", "type": s.type, "topic": f"topic {k}", "round": 0}
-                for k in range(2)
-            ]
-            for s in seeds[:2]
-        }
-        batches = list(run_questions(ctx, cfg.tgrt, seeds, topics))
-        ctx.close()
+    ctx = StageContext(stage, cfg, run, tmp_path, "fp", {})
+    seeds = load_redteam_types()
+    topics = {
+        s.type: [{"id": s.id, "type": s.type, "topic": s.topic, "round": -1}]
+        + [
+            {"id": f"{s.id}-{k}", "type": s.type, "topic": f"topic {k}", "round": 0}
+            for k in range(2)
+        ]
+        for s in seeds[:2]
+    }
+    work = question_work(ctx, cfg.tgrt, seeds, topics)
+    chunks = pending_chunks(list(work.items), set(), work.chunk_size)
+    batches = [work.process([(i, work.items[i]) for i in chunk]) for chunk in chunks]
+    ctx.close()
     assert len(batches) == 2
     out = [(r, None) for b in batches for r in b.keep] + [d for b in batches for d in b.drop]
     assert sorted(r["id"] for r, _ in out) == sorted(

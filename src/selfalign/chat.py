@@ -68,14 +68,17 @@ def backend_reply(spec: str, max_new_tokens: int, temperature: float) -> Reply:
 
 
 def mote_reply_fn(path: Path, max_new_tokens: int, temperature: float, show_steps: bool) -> Reply:
+    """Stream a MoTE model's reply step by step (``mote_reply_stream``)."""
     from selfalign.mote import load_mote
-    from selfalign.mote.chat import mote_reply
+    from selfalign.mote.chat import mote_reply_stream
 
     model, tokenizer = load_mote(path)
 
     def reply(messages: list[dict[str, str]]) -> Iterator[str]:
-        yield mote_reply(model, tokenizer, messages, show_steps=show_steps,
-                         max_new_tokens=max_new_tokens, temperature=temperature)  # fmt: skip
+        yield from mote_reply_stream(
+            model, tokenizer, messages, show_steps=show_steps, max_new_tokens=max_new_tokens,
+            temperature=temperature,
+        )  # fmt: skip
 
     return reply
 

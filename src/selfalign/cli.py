@@ -34,7 +34,10 @@ def demo(
         Path | None, typer.Option("--model", help="a local base model directory instead")
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="selfalign (mote and dpo: not yet in the demo)")
+        str,
+        typer.Option(
+            "--method", help="selfalign (SELF-ALIGN), mote (AlignCoT + MoTE) or dpo (not yet)"
+        ),
     ] = "selfalign",
 ) -> None:
     """The whole pipeline, eval and report on CPU: by default on Gemma 3 270M (base),

@@ -24,6 +24,8 @@ from selfalign.report import write_report
 ASSETS = Path(__file__).parent / "assets"
 TINY_CONFIG = ASSETS / "demo.yaml"
 REAL_CONFIG = ASSETS / "demo_real.yaml"
+MOTE_CONFIG = ASSETS / "mote_demo_real.yaml"
+MOTE_QUERIES = ASSETS / "mote" / "queries.jsonl"
 BASE_MODEL_DIR = "base-model"
 # 500 steps of 2 x 2048 tokens: long enough blocks for stage 2's ~1.6k-token prompt.
 PRETRAIN = dict(steps=500, block_size=2048, batch_size=2, stage_format=True)
@@ -57,6 +59,28 @@ def _check_model_dir(path: Path) -> Path:
     return path
 
 
+def real_model_path(model: Path | None) -> str:
+    """The user's model directory, else the demo's model from PyPI (converted once)."""
+    if model is not None:
+        return str(_check_model_dir(model))
+    from selfalign.gguf_model import demo_model_dir, terms_notice
+
+    path = str(demo_model_dir())
+    print(terms_notice(), file=sys.stderr)
+    return path
+
+
+def mote_demo_config(seed: int, tiny: bool, model: Path | None) -> dict[str, Any]:
+    """AlignCoT + MoTE on the real model: chains on the shipped queries, MoTE, held-out."""
+    if tiny:
+        raise InputError("the mote demo runs on a real model; drop --tiny", field="--tiny")
+    config = yaml.safe_load(MOTE_CONFIG.read_text(encoding="utf-8"))
+    config["seed"] = seed
+    config["model"] = config["backend"]["model"] = real_model_path(model)
+    config["stages"]["chains"]["queries"] = str(MOTE_QUERIES)
+    return config
+
+
 def demo_config(
     out: Path, seed: int, truthfulqa: Path | None, tiny: bool, model: Path | None
 ) -> dict[str, Any]:
@@ -66,14 +90,8 @@ def demo_config(
         model_path: str = BASE_MODEL_DIR
         prepare_tiny_model(out, seed)
     else:
-        from selfalign.gguf_model import demo_model_dir, terms_notice
-
         config = yaml.safe_load(REAL_CONFIG.read_text(encoding="utf-8"))
-        if model is None:
-            model_path = str(demo_model_dir())
-            print(terms_notice(), file=sys.stderr)
-        else:
-            model_path = str(_check_model_dir(model))
+        model_path = real_model_path(model)
     config["seed"] = seed
     config["model"] = config["backend"]["model"] = model_path
     truthfulqa = truthfulqa or find_truthfulqa()
@@ -97,12 +115,15 @@ def run_demo(
     model: Path | None = None,
     method: Method = "selfalign",
 ) -> Path:
-    if method != "selfalign":
-        raise InputError(f"the {method} demo is not available yet; use --method selfalign",
+    if method == "dpo":
+        raise InputError("the dpo demo is not available yet; use --method selfalign or mote",
                          field="--method")  # fmt: skip
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    config = demo_config(out, seed, truthfulqa, tiny, model)
+    if method == "mote":
+        config = mote_demo_config(seed, tiny, model)
+    else:
+        config = demo_config(out, seed, truthfulqa, tiny, model)
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     run_config, stage_configs = load_run_config(config_path)

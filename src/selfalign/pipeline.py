@@ -1,9 +1,11 @@
-"""Stages and the runner that owns caching, resume, progress and the manifest.
+"""The runner: caching, resume, progress and the manifest for every stage.
 
-A stage is a generator function of a ``StageContext`` that yields ``Batch``es of kept
-and dropped records. The runner appends each batch to ``STAGE/records.jsonl`` and
-``STAGE/dropped.jsonl`` (the batch is the unit of commit), skips ids already written,
-and keeps ``manifest.json`` current. A stage resumes by looking at ``ctx.done_ids``.
+A stage (``selfalign.stages.api``) yields units of work; the runner drives each kind the
+same way for every stage: it appends a batch's records to ``STAGE/records.jsonl`` and
+``STAGE/dropped.jsonl`` (the batch is the unit of commit) and skips ids already written;
+it runs a ``MapWork`` over fixed chunk boundaries, showing progress; it marks a loop's
+finished ``Round``; it builds an ``Artifact`` in a work folder under ``RUN_DIR/.build`` and
+renames it into place. ``manifest.json`` stays current throughout.
 
 Fingerprints: a stage's fingerprint hashes its settings, its backend's output-relevant
 settings, the run's seed and model, the annotation files it reads, and its inputs'
@@ -13,113 +15,52 @@ fingerprints, so a change re-runs that stage and everything downstream, nothing 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from selfalign.backends import Backend, BackendConfig, load_backend
+from selfalign.chunking import pending_chunks
 from selfalign.config import RunConfig, StageConfig
 from selfalign.errors import InputError
 from selfalign.progress import ProgressReporter
-from selfalign.store import JsonlLog, atomic_write_json, atomic_write_text, file_sha256, stable_hash
+from selfalign.registry import load_stage, stage_names
+from selfalign.stages.api import (
+    DROPPED,
+    MANIFEST,
+    RECORDS,
+    ROUNDS,
+    Artifact,
+    Batch,
+    MapWork,
+    Round,
+    Stage,
+    StageContext,
+    add_usage,
+)
+from selfalign.store import (
+    JsonlWriter,
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    read_records,
+    record_id,
+    stable_hash,
+)
 
-RECORDS, DROPPED, MANIFEST = "records.jsonl", "dropped.jsonl", "manifest.json"
-
-
-@dataclass
-class Batch:
-    """What a stage yields: records to keep, (record, reason) pairs it dropped, and
-    (record, reason) pairs whose request failed. Failed ones are not committed: the
-    stage ends ``incomplete`` and the next run asks for them again."""
-
-    keep: list[dict[str, Any]] = field(default_factory=list)
-    drop: list[tuple[dict[str, Any], str]] = field(default_factory=list)
-    failed: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+BUILD_DIR = ".build"  # work folders of artifacts being built, kept across a kill
 
 
 class StageIncomplete(Exception):
     """Some requests of a stage failed after all retries; running again retries them."""
-
-
-StageFn = Callable[["StageContext"], Iterator[Batch]]
-
-
-@dataclass
-class Stage:
-    name: str  # also the stage's folder in the run directory
-    config_cls: type[StageConfig]
-    run: StageFn
-    inputs: tuple[str, ...] = ()
-    # (kept records, dropped records, ctx) -> stats merged into the manifest entry
-    summarize: Callable[[list[dict], list[dict], StageContext], dict[str, Any]] | None = None
-    # settings -> the human-written files the stage reads (part of its fingerprint)
-    annotation_files: Callable[[Any], list[Path]] | None = None
-    # settings -> the data files the stage reads (hashed too, not counted as annotations)
-    data_files: Callable[[Any], list[Path]] | None = None
-    version: int = 1
-
-
-_REGISTRY: dict[str, Stage] = {}
-
-
-def stage(
-    name: str,
-    *,
-    config: type[StageConfig],
-    inputs: tuple[str, ...] = (),
-    summarize: Callable[..., dict[str, Any]] | None = None,
-    annotation_files: Callable[[Any], list[Path]] | None = None,
-    data_files: Callable[[Any], list[Path]] | None = None,
-    version: int = 1,
-) -> Callable[[StageFn], StageFn]:
-    """Register a stage function under ``name``."""
-
-    def register(fn: StageFn) -> StageFn:
-        _REGISTRY[name] = Stage(
-            name, config, fn, inputs, summarize, annotation_files, data_files, version
-        )
-        return fn
-
-    return register
-
-
-def registered_stages() -> dict[str, Stage]:
-    """All stages, upstream before downstream."""
-    import selfalign.stages  # noqa: F401  (registers the built-in stages)
-
-    ordered: dict[str, Stage] = {}
-
-    def visit(name: str) -> None:
-        if name in ordered:
-            return
-        for dep in _REGISTRY[name].inputs:
-            if dep in _REGISTRY:
-                visit(dep)
-        ordered[name] = _REGISTRY[name]
-
-    for name in _REGISTRY:
-        visit(name)
-    return ordered
-
-
-def _add_usage(total: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
-    """Add backend counters (numbers, and dicts of counts per reason) into ``total``."""
-    for key, value in more.items():
-        if isinstance(value, dict):
-            merged = Counter(total.get(key, {}))
-            merged.update(value)
-            total[key] = dict(merged)
-        else:
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 def _now() -> str:
@@ -156,8 +97,6 @@ class Manifest:
         self.path = run_dir / MANIFEST
         self.data: dict[str, Any] = {"stages": {}}
         if self.path.exists():
-            import json
-
             self.data = json.loads(self.path.read_text(encoding="utf-8"))
 
     def entry(self, name: str) -> dict[str, Any] | None:
@@ -166,75 +105,6 @@ class Manifest:
     def update(self, name: str, **values: Any) -> None:
         self.data["stages"].setdefault(name, {}).update(values)
         atomic_write_json(self.path, self.data)
-
-
-class StageContext:
-    """Everything a stage may use; the runner owns files, resume and progress."""
-
-    def __init__(
-        self,
-        stage: Stage,
-        config: StageConfig,
-        run: RunConfig,
-        run_dir: Path,
-        fingerprint: str,
-        progress: ProgressReporter,
-    ) -> None:
-        self.stage, self.config, self.run, self.run_dir = stage, config, run, run_dir
-        self.name, self.fingerprint, self._progress = stage.name, fingerprint, progress
-        self.dir = run_dir / stage.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.records = JsonlLog(self.dir / RECORDS).read()
-        self.dropped = JsonlLog(self.dir / DROPPED).read()
-        self.done_ids = {r["id"] for r in self.records} | {r["id"] for r in self.dropped}
-        self._backends: dict[str, Backend] = {}
-        self.usage: dict[str, Any] = {}  # backend counters of this run of the stage
-        self.failures: Counter[str] = Counter()  # failed requests by reason, this run
-
-    @property
-    def seed(self) -> int:
-        return self.run.seed
-
-    def seed_for(self, *parts: Any) -> int:
-        """A per-record seed: same record, same seed, whatever the batch or resume."""
-        return int(stable_hash([self.run.seed, self.name, *parts], 8), 16)
-
-    def inputs(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The kept records of an upstream stage (the first input by default)."""
-        name = name or self.stage.inputs[0]
-        return JsonlLog(self.run_dir / name / RECORDS).read()
-
-    def backend_config(self) -> BackendConfig:
-        return self.config.backend or self.run.generation_backend()
-
-    def backend(self, config: BackendConfig | None = None) -> Backend:
-        """A backend built once per stage run (closed by the runner)."""
-        config = config or self.backend_config()
-        key = config.model_dump_json()
-        if key not in self._backends:
-            self._backends[key] = load_backend(config)
-        return self._backends[key]
-
-    def set_total(self, total: int) -> None:
-        """How many items the stage will process in all (kept + dropped)."""
-        self._progress.set_total(total)
-
-    def advance(self, n: int) -> None:
-        self._progress.advance(n)
-
-    def log(self, message: str) -> None:
-        print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
-
-    def aux_log(self, name: str) -> JsonlLog:
-        """Another append-only JSONL file in the stage folder (e.g. TGRT topics)."""
-        return JsonlLog(self.dir / f"{name}.jsonl")
-
-    def close(self) -> None:
-        """Close the stage's backends (a stage may call it early, e.g. before training)."""
-        for backend in self._backends.values():
-            _add_usage(self.usage, backend.stats.as_dict())
-            backend.close()
-        self._backends.clear()
 
 
 Action = Literal["reuse", "resume", "run", "rerun"]
@@ -256,10 +126,15 @@ class Runner:
         stage_configs: dict[str, StageConfig],
         run_dir: Path,
         config_file: Path,
+        stages: dict[str, Stage] | None = None,
     ) -> None:
+        """``stages``: the stages to run, upstream first (default: the built-in ones the
+        config names)."""
         self.run, self.stage_configs = run, stage_configs
         self.run_dir, self.config_file = Path(run_dir), config_file
-        self.stages = registered_stages()
+        if stages is None:
+            stages = {n: load_stage(n) for n in stage_names() if n in stage_configs}
+        self.stages = stages
         self.manifest = Manifest(self.run_dir)
 
     # -- planning -----------------------------------------------------------------------
@@ -274,7 +149,7 @@ class Runner:
             "backend": backend.fingerprint_data(),
             "seed": self.run.seed,
             "model": self.run.model,
-            "inputs": {name: upstream[name] for name in stage.inputs},
+            "inputs": {name: upstream[name] for name in stage.needs(config)},
             "annotations": {str(p): file_sha256(p) for p in files},
         }
         if data:  # only where a stage reads data files: other fingerprints stay as they were
@@ -290,7 +165,7 @@ class Runner:
         for name, stage in self.stages.items():
             if name not in self.stage_configs:
                 continue
-            for dep in stage.inputs:
+            for dep in stage.needs(self.stage_configs[name]):
                 if dep not in self.stage_configs:
                     raise InputError(
                         f"needs stage {dep!r}, which is not configured",
@@ -300,7 +175,8 @@ class Runner:
             fp = fps[name] = self.fingerprint(stage, config, fps)
             items.append(PlanItem(stage, config, fp, *self._action(name, fp)))
         if only is not None:
-            upstream = [i for i in items if i.stage.name in self.stages[only].inputs]
+            needs = self.stages[only].needs(self.stage_configs[only])
+            upstream = [i for i in items if i.stage.name in needs]
             for item in upstream:
                 if item.action != "reuse":
                     raise InputError(
@@ -322,7 +198,7 @@ class Runner:
             return "rerun", "settings, inputs or annotations changed"
         if entry.get("status") == "complete":
             return "reuse", f"complete ({entry.get('counts', {}).get('out', 0)} records)"
-        done = len(JsonlLog(self.run_dir / name / RECORDS).read())
+        done = len(read_records(self.run_dir / name / RECORDS))
         return "resume", f"{entry.get('status')}, {done} records already written"
 
     # -- running ------------------------------------------------------------------------
@@ -346,6 +222,7 @@ class Runner:
         stage, name = item.stage, item.stage.name
         if item.action == "rerun":
             shutil.rmtree(self.run_dir / name, ignore_errors=True)
+            shutil.rmtree(self.run_dir / BUILD_DIR / name, ignore_errors=True)
             prior_seconds = 0.0
         else:
             prior_seconds = (self.manifest.entry(name) or {}).get("timings", {}).get("seconds", 0.0)
@@ -357,43 +234,36 @@ class Runner:
         )  # fmt: skip
         t0 = time.monotonic()
         reset_peak_memory()
-        with ProgressReporter(name, total=0) as progress:
-            ctx = StageContext(
-                stage, item.config, self.run, self.run_dir, item.fingerprint, progress
-            )
-            progress.done = progress.start_done = len(ctx.done_ids)
-            kept_log, drop_log = JsonlLog(ctx.dir / RECORDS), JsonlLog(ctx.dir / DROPPED)
+        ctx = StageContext(
+            stage, item.config, self.run, self.run_dir, item.fingerprint, self.manifest.data
+        )
+        drive = _Drive(self, ctx)
+        with ProgressReporter(name, total=0, done=len(ctx.done_ids)) as drive.progress:
             try:
-                for batch in stage.run(ctx):
-                    keep = [r for r in batch.keep if r["id"] not in ctx.done_ids]
-                    ctx.done_ids.update(r["id"] for r in keep)
-                    drop = [
-                        {"id": r["id"], "reason": why, **{k: v for k, v in r.items() if k != "id"}}
-                        for r, why in batch.drop
-                        if r["id"] not in ctx.done_ids
-                    ]
-                    ctx.done_ids.update(r["id"] for r in drop)
-                    kept_log.append(keep)
-                    drop_log.append(drop)
-                    ctx.records.extend(keep)
-                    ctx.dropped.extend(drop)
-                    ctx.failures.update(why for _, why in batch.failed)
-                    progress.advance(len(keep) + len(drop) + len(batch.failed))
+                for work in stage.run(ctx):
+                    drive(work)
             except BaseException as e:
                 ctx.close()
                 error = f"{type(e).__name__}: {e}"
-                self._finish(ctx, t0, prior_seconds, status="failed", error=error)
+                self._finish(ctx, drive, t0, prior_seconds, status="failed", error=error)
                 raise
             ctx.close()
         if ctx.failures:
             n = sum(ctx.failures.values())
             error = f"{n} requests failed ({', '.join(ctx.failures)}); run again to retry them"
-            self._finish(ctx, t0, prior_seconds, status="incomplete", error=error)
+            self._finish(ctx, drive, t0, prior_seconds, status="incomplete", error=error)
             raise StageIncomplete(f"stage {name!r}: {error}")
-        self._finish(ctx, t0, prior_seconds, status="complete", error=None)
+        self._finish(ctx, drive, t0, prior_seconds, status="complete", error=None)
 
     def _finish(
-        self, ctx: StageContext, t0: float, prior: float, *, status: str, error: str | None
+        self,
+        ctx: StageContext,
+        drive: _Drive,
+        t0: float,
+        prior: float,
+        *,
+        status: str,
+        error: str | None,
     ) -> None:
         name = ctx.name
         entry = self.manifest.entry(name) or {}
@@ -404,14 +274,16 @@ class Runner:
         peak = peak_memory_mb()
         if peak is not None:  # of this run of the stage (a resumed stage: its last run)
             timings["peak_rss_mb"] = peak
-        usage = _add_usage(dict(entry.get("usage", {})), ctx.usage)
+        usage = add_usage(dict(entry.get("usage", {})), ctx.usage)
+        made = len(ctx.records) + len(ctx.dropped)  # every item ends kept or dropped
         values: dict[str, Any] = dict(
             status=status,
             error=error,
             timings=timings,
             usage=usage,
             counts={
-                "in": ctx._progress.total or len(ctx.records) + len(ctx.dropped),
+                "in": (made if status == "complete" else max(made, drive.progress.total))
+                or drive.examples,
                 "out": len(ctx.records),
                 "dropped": len(ctx.dropped),
                 "failed": sum(ctx.failures.values()),
@@ -422,3 +294,102 @@ class Runner:
         if status == "complete" and ctx.stage.summarize is not None:
             values["stats"] = ctx.stage.summarize(ctx.records, ctx.dropped, ctx)
         self.manifest.update(name, **values)
+
+
+class _Drive:
+    """Carries out the work a stage yields, one kind at a time (see ``stages.api``)."""
+
+    progress: ProgressReporter
+
+    def __init__(self, runner: Runner, ctx: StageContext) -> None:
+        self.runner, self.ctx = runner, ctx
+        self.examples = 0  # training examples of an artifact: the stage's ``in`` count
+        self._writers: dict[str, JsonlWriter] = {}
+        self._round_items: dict[str, list[int]] = {}  # items per round, by phase
+
+    def __call__(self, work: Batch | MapWork | Round | Artifact) -> None:
+        if isinstance(work, Batch):
+            self.commit(work)
+        elif isinstance(work, MapWork):
+            self.map(work)
+        elif isinstance(work, Round):
+            self.round(work)
+        elif isinstance(work, Artifact):
+            self.build(work)
+        else:
+            raise TypeError(f"stage {self.ctx.name!r} yielded {type(work).__name__}")
+
+    def _writer(self, file: str) -> JsonlWriter:
+        if file not in self._writers:  # opened on first use: cuts a torn tail, then appends
+            self._writers[file] = JsonlWriter(self.ctx.dir / file)
+        return self._writers[file]
+
+    def commit(self, batch: Batch) -> None:
+        ctx = self.ctx
+        keep = [r for r in batch.keep if r["id"] not in ctx.done_ids]
+        ctx.done_ids.update(r["id"] for r in keep)
+        drop = [
+            {"id": r["id"], "reason": why, **{k: v for k, v in r.items() if k != "id"}}
+            for r, why in batch.drop
+            if r["id"] not in ctx.done_ids
+        ]
+        ctx.done_ids.update(r["id"] for r in drop)
+        if keep:
+            self._writer(RECORDS).append(keep)
+        if drop:
+            self._writer(DROPPED).append(drop)
+        ctx.records.extend(keep)
+        ctx.dropped.extend(drop)
+        ctx.failures.update(why for _, why in batch.failed)
+        self.progress.advance(len(keep) + len(drop) + len(batch.failed))
+
+    def map(self, work: MapWork) -> None:
+        chunks = list(pending_chunks(list(work.items), self.ctx.done_ids, work.chunk_size))
+        self.progress.set_total(self.progress.done + sum(map(len, chunks)))
+        if chunks and work.start is not None:
+            work.start()
+        for chunk in chunks:
+            self.commit(work.process([(i, work.items[i]) for i in chunk]))
+
+    def round(self, work: Round) -> None:
+        batch = work.batch
+        self.commit(batch)
+        if batch.failed:  # a round is all or nothing: the next run redoes it
+            return
+        marker = {"id": record_id("round", work.phase, work.number), "phase": work.phase,
+                  "round": work.number, **work.info, "kept": len(batch.keep),
+                  "dropped": len(batch.drop)}  # fmt: skip
+        self._writer(f"{ROUNDS}.jsonl").append([marker])
+        sizes = self._round_items.setdefault(work.phase, [])
+        sizes.append(len(batch.keep) + len(batch.drop))
+        self.progress.set_total(self.progress.done + work.left * sum(sizes) // len(sizes))
+
+    def build(self, work: Artifact) -> None:
+        ctx, artifact = self.ctx, self.ctx.stage.artifact
+        if artifact is None:
+            raise TypeError(f"stage {ctx.name!r} builds a model but declares no artifact path")
+        self.examples = work.examples
+        final = ctx.run_dir / artifact
+        folder = ctx.run_dir / BUILD_DIR / artifact
+        built = (self.runner.manifest.entry(ctx.name) or {}).get("artifact")
+        if built or (final.is_dir() and not folder.exists()):  # (a kill may have come
+            self.runner.manifest.update(ctx.name, artifact=artifact)  # before the manifest)
+            return
+        ctx.close()  # free the generation models before training
+        folder.mkdir(parents=True, exist_ok=True)
+        work.build(folder)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_dir():
+            shutil.rmtree(final)  # only ever a folder nothing was renamed into yet
+        os.replace(folder, final)
+        _fsync_dir(final.parent)
+        self.runner.manifest.update(ctx.name, artifact=artifact)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

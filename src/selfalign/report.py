@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfalign.errors import InputError  # noqa: E402
-from selfalign.store import JsonlLog, atomic_write_text  # noqa: E402
+from selfalign.store import atomic_write_text, read_records  # noqa: E402
 
 PLOTS_DIR = "report_files"
 
@@ -83,7 +83,7 @@ def plot_principles(usage: dict[str, int], out: Path) -> str | None:
 def _answer_lengths(path: Path) -> list[int]:
     if not path.is_file():
         return []
-    return [len(str(r.get("answer", "")).split()) for r in JsonlLog(path).read()]
+    return [len(str(r.get("answer", "")).split()) for r in read_records(path)]
 
 
 def plot_lengths(before: list[int], after: list[int], out: Path) -> str | None:
@@ -165,7 +165,7 @@ def _drop_examples(run_dir: Path, stages: dict[str, Any]) -> list[str]:
         if not path.is_file():
             continue
         by_reason: dict[str, list[dict[str, Any]]] = {}
-        for record in JsonlLog(path).read():
+        for record in read_records(path):
             by_reason.setdefault(str(record.get("reason")), []).append(record)
         rows = []
         for reason, records in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
@@ -209,7 +209,8 @@ def _heldout_parts(run_dir: Path) -> list[str]:
                 continue
             end = "ended by itself" if b["self_stop"] else "hit the token limit"
             flag = "; refusal" if b["refusal"] else ""
-            cells.append(f"{_excerpt(b['answer'])}\n[{b['chars']} chars, {end}{flag}]")
+            steps = f"; wrote {'+'.join(b['steps'])}" if b.get("steps") else ""
+            cells.append(f"{_excerpt(b['answer'])}\n[{b['chars']} chars, {end}{flag}{steps}]")
         rows.append(cells)
     return [
         "<h2>Held-out prompts, side by side</h2>",
@@ -247,6 +248,25 @@ def _aligned_rows(stats: dict[str, Any]) -> list[list[Any]]:
         ["leaks per copied text",
          ", ".join(f"{k}: {v}" for k, v in stats.get("leak_sources", {}).items()) or "-"],
     ]  # fmt: skip
+
+
+def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]:
+    """The AlignCoT chains (length mix, self-checks) and the MoTE training, as rows."""
+    rows: list[list[Any]] = []
+    if "chains_by_length" in chains:
+        checks = chains.get("checks", {})
+        rows += [
+            ["chains by length", ", ".join(f"{k}: {v}" for k, v in chains["chains_by_length"].items())],
+            ["self-checks", f"{checks.get('method')}: {checks.get('safe', 0)} safe, "
+             f"{checks.get('unsafe', 0)} unsafe, {checks.get('unparsed', 0)} unparsed "
+             f"of {checks.get('total', 0)}"],
+            ["steps cut by the token limit",
+             ", ".join(f"{k}: {v}" for k, v in chains.get("truncated_steps", {}).items()) or "-"],
+        ]  # fmt: skip
+    train = mote.get("train", {})
+    if train:
+        rows.append(["MoTE training", ", ".join(f"{k}: {_fmt(v)}" for k, v in train.items())])
+    return rows
 
 
 def write_report(run_dir: Path) -> Path:
@@ -287,6 +307,11 @@ def write_report(run_dir: Path) -> Path:
     aligned_rows = _aligned_rows(stages.get("aligned", {}).get("stats") or {})
     if aligned_rows:
         parts += ["<h2>Stage 2 answers</h2>", _table(["statistic", "value"], aligned_rows)]
+    chain_rows = _chain_rows(
+        stages.get("chains", {}).get("stats") or {}, stages.get("mote", {}).get("stats") or {}
+    )
+    if chain_rows:
+        parts += ["<h2>Reasoning chains and MoTE</h2>", _table(["statistic", "value"], chain_rows)]
     eval_rows = _eval_rows(run_dir)
     if eval_rows:
         parts += ["<h2>Evaluation</h2>",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
 from selfalign.errors import InputError
-from selfalign.pipeline import MANIFEST, RECORDS, registered_stages
-from selfalign.store import JsonlLog
+from selfalign.registry import stage_names
+from selfalign.stages.api import MANIFEST, RECORDS
+from selfalign.store import read_records
+from selfalign.validation import load_yaml
 
 
 def describe_run(run_dir: Path) -> str:
@@ -24,9 +24,9 @@ def describe_run(run_dir: Path) -> str:
     configured: list[str] = []
     config_path = run_dir / "config.yaml"
     if config_path.is_file():
-        configured = list((yaml.safe_load(config_path.read_text()) or {}).get("stages", {}))
+        configured = list((load_yaml(config_path) or {}).get("stages", {}))
     entries = manifest.get("stages", {})
-    order = [n for n in registered_stages() if n in configured or n in entries]
+    order = [n for n in stage_names() if n in configured or n in entries]
     lines = [
         f"run: {run_dir}",
         f"{'stage':<10} {'status':<10} {'in':>7} {'out':>7} {'drop':>6}  time",
@@ -41,7 +41,7 @@ def describe_run(run_dir: Path) -> str:
         counts = entry.get("counts", {})
         out = counts.get("out")
         if entry.get("status") != "complete":
-            out = len(JsonlLog(run_dir / name / RECORDS).read())
+            out = len(read_records(run_dir / name / RECORDS))
             left.append(name)
         seconds = entry.get("timings", {}).get("seconds", 0)
         lines.append(

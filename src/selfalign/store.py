@@ -1,8 +1,9 @@
 """Run-directory storage: stable ids, atomic files, append-only JSONL logs.
 
-A JSONL log is append-only; a line counts as committed once it ends with a newline and
-parses. A write killed mid-line leaves a torn tail, which the next open cuts off, so a
-resumed run never sees half a record and never loses a committed one.
+A JSONL log is append-only; a line counts as committed once it ends with a newline. A
+write killed mid-line leaves a torn tail: readers ignore it, and the next writer to open
+the log cuts it off, so a resumed run never sees half a record and never loses a
+committed one. Only writers (the runner, the eval commands' record files) change files.
 """
 
 from __future__ import annotations
@@ -67,8 +68,21 @@ def dumps_record(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-class JsonlLog:
-    """An append-only JSONL file of records that each carry an ``id``."""
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The committed records of a JSONL log: whole lines only. A torn last line (a writer
+    mid-append, or killed) is ignored, not cut: a pure reader changes nothing and creates
+    nothing, so looking at a live run never loses what its writer commits."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    data = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+
+
+class JsonlWriter:
+    """The one writer of an append-only JSONL log: opening it creates its folder and cuts
+    a torn last line left by a killed writer; each ``append`` commits a whole batch."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -76,7 +90,6 @@ class JsonlLog:
         self._repair()
 
     def _repair(self) -> None:
-        """Cut a torn last line left by a killed writer."""
         if not self.path.exists():
             return
         data = self.path.read_bytes()
@@ -88,10 +101,7 @@ class JsonlLog:
                 os.fsync(f.fileno())
 
     def read(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        return read_records(self.path)
 
     def append(self, records: Iterable[dict[str, Any]]) -> None:
         """One write + fsync for the whole batch: the batch is the unit of commit."""

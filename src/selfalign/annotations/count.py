@@ -26,8 +26,8 @@ from selfalign.annotations.principles import (
     load_principles,
     validate_file,
 )
-from selfalign.config import load_yaml
 from selfalign.errors import InputError
+from selfalign.validation import load_yaml, validate_model
 
 BUDGET = 300  # the paper's total: "fewer than 300 lines of human annotations"
 SUFFIXES = {".jsonl", ".yaml", ".yml", ".txt"}
@@ -92,20 +92,19 @@ def annotation_paths(path: Path | None = None) -> list[Path]:
 def _run_files(config_path: Path) -> list[Path]:
     """The files the configured stages read, through each stage's ``annotation_files``.
     Only the ``stages`` block is read: the model need not be on this machine."""
-    from selfalign.config import validate_model
-    from selfalign.pipeline import registered_stages
+    from selfalign.registry import STAGE_MODULES, load_stage
 
     config_path = config_path.resolve()
     data = load_yaml(config_path)
-    stages = registered_stages()
     files: list[Path] = []
     for name, settings in ((data or {}).get("stages") or {}).items():
-        if name not in stages:
+        if name not in STAGE_MODULES:
             raise InputError("unknown stage", file=config_path, field=f"stages.{name}")
+        stage = load_stage(name)
         cfg = validate_model(
-            stages[name].config_cls, settings or {}, file=config_path, prefix=f"stages.{name}"
+            stage.config_cls, settings or {}, file=config_path, prefix=f"stages.{name}"
         )
-        hook = stages[name].annotation_files
+        hook = stage.annotation_files
         for f in hook(cfg) if hook else []:
             if Path(f) not in files:
                 files.append(Path(f))

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 
 from selfalign.annotations import DEFAULT_EXEMPLARS, DEFAULT_PRINCIPLES
 from selfalign.chat_format import ASSISTANT_TAG, USER_TAG
-from selfalign.config import load_yaml
 from selfalign.errors import InputError
+from selfalign.validation import StrictModel, describe_error, load_yaml
 
 # Lines that would read as a speaker turn inside an exemplar and break parsing.
 _TURN_LINE = re.compile(r"(?m)^\s*###\s*(User|Assistant)\b")
@@ -53,21 +53,17 @@ Label = Annotated[str, AfterValidator(_label)]
 Prose = Annotated[str, AfterValidator(_no_turn_markers)]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Principle(_Strict):
+class Principle(StrictModel):
     name: Label = Field(description="short label cited in the thoughts, e.g. 'candid'")
     text: OneLine = Field(description="the rule itself, one line")
 
 
-class PrinciplesFile(_Strict):
+class PrinciplesFile(StrictModel):
     header: Prose = Field(description="introduces the assistant; {name} and {cutoff} filled in")
     principles: list[Principle] = Field(min_length=1)
 
 
-class Exemplar(_Strict):
+class Exemplar(StrictModel):
     covers: str | None = Field(None, description="what the exemplar shows; not shown to the model")
     user: Prose
     analysis: OneLine = Field(description="one sentence: what the user wants")
@@ -75,7 +71,7 @@ class Exemplar(_Strict):
     answer: Prose
 
 
-class ExemplarsFile(_Strict):
+class ExemplarsFile(StrictModel):
     self_description: OneLine = Field(description="the fixed first sentence of every thought")
     exemplars: list[Exemplar] = Field(min_length=1)
 
@@ -137,10 +133,7 @@ def validate_file(model: type[BaseModel], path: Path) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-        msg = msg.removeprefix("Value error, ")
+        loc, msg = describe_error(e)
         raise InputError(
             msg, file=path, line=_line_of(path, loc), field=_entry_name(loc) or None
         ) from None

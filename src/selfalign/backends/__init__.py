@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from selfalign.backends.base import (
     Backend,
     GenerationRequest,
@@ -28,11 +26,11 @@ __all__ = [
 ]
 
 
-def load_backend(config: BackendConfig | str, base_dir: Path | None = None) -> Backend:
+def load_backend(config: BackendConfig | str) -> Backend:
     """Build the backend a spec names; optional engines are imported only when chosen."""
     if isinstance(config, str):
         config = BackendConfig(model=config)
-    spec = parse_spec(config.model, base_dir)
+    spec = parse_spec(config.model)
     if spec.kind == "hf":
         if not spec.path.exists():
             raise InputError("model directory does not exist", file=spec.path)
@@ -48,9 +46,6 @@ def load_backend(config: BackendConfig | str, base_dir: Path | None = None) -> B
     if spec.kind == "openai":
         from selfalign.backends.openai_backend import OpenAIBackend
 
-        tokenizer = config.tokenizer
-        if tokenizer and base_dir is not None and not Path(tokenizer).expanduser().is_absolute():
-            tokenizer = str((base_dir / Path(tokenizer).expanduser()).resolve())
         return OpenAIBackend(
             [spec.base_url, *config.base_urls],
             spec.name,
@@ -59,7 +54,7 @@ def load_backend(config: BackendConfig | str, base_dir: Path | None = None) -> B
             timeout_s=config.timeout_s,
             max_retries=config.max_retries,
             retry_backoff_s=config.retry_backoff_s,
-            tokenizer=tokenizer,
+            tokenizer=config.tokenizer,
             server_no_repeat_ngram=config.server_no_repeat_ngram,
         )
     if spec.kind == "vllm":

@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationInfo,
-    field_validator,
-)
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator
 
 from selfalign.backends.spec import resolve_local_spec
+from selfalign.validation import ConfigPath, StrictModel
 
 
 def _resolve_model(spec: str, info: ValidationInfo) -> str:
@@ -25,18 +19,19 @@ def _resolve_model(spec: str, info: ValidationInfo) -> str:
     return resolve_local_spec(spec, Path(base))
 
 
-class BackendConfig(BaseModel):
-    """Where generation runs. Change this block to move a stage to another backend."""
+class BackendConfig(StrictModel):
+    """Where generation runs. Change this block to move a stage to another backend.
 
-    model_config = ConfigDict(extra="forbid")
+    In a config file, local paths (``model``, ``adapter``, ``tokenizer``) resolve against
+    the file's folder; built from CLI options, they are left to the working directory."""
 
     model: Annotated[str, AfterValidator(_resolve_model)] = Field(
         description="model spec: PATH, hf:PATH, vllm:PATH or openai:URL#NAME"
     )
     batch_size: int = Field(8, ge=1, description="hf: rows decoded together")
-    dtype: str = Field("auto", pattern="^(auto|float32|bfloat16|float16)$")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
-    adapter: str | None = Field(None, description="LoRA adapter directory applied on top")
+    adapter: ConfigPath | None = Field(None, description="LoRA adapter directory applied on top")
 
     # openai: any OpenAI-compatible server.
     api_key_env: str = Field(
@@ -53,7 +48,7 @@ class BackendConfig(BaseModel):
     timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout")
     max_retries: int = Field(6, ge=0, description="openai: retries on 429, 5xx, timeouts, bad JSON")
     retry_backoff_s: float = Field(1.0, ge=0, description="openai: first backoff (x2, jittered)")
-    tokenizer: str | None = Field(
+    tokenizer: ConfigPath | None = Field(
         None,
         description="openai: the served model's tokenizer directory (logit_bias by text, "
         "scoring with exact lm-eval token boundaries)",

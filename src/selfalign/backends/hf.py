@@ -1,20 +1,23 @@
-"""In-process transformers backend.
+"""In-process transformers backend: ``model.generate`` with three things of our own.
 
-Why a decoding loop of our own instead of ``model.generate``:
-- a per-request seed (one ``torch.Generator`` per row), so a record's sampled output does
-  not depend on which other records share its batch; this is what makes a resumed run
-  equal an uninterrupted one;
-- a shared prefix (the long in-context prompt) is prefilled once, its KV cache kept and
-  expanded to the batch for every later call.
-Logit warping still uses transformers' own processors.
+- A shared prefix (the long in-context prompt) is prefilled once, its KV cache kept and
+  copied into the static cache ``generate`` decodes with, for every later batch.
+- A per-request seed: sampling is a logits processor (``sampling.SeededSampler``) with
+  one ``torch.Generator`` per row, ``generate`` itself runs greedy. A record's sampled
+  output does not depend on which other records share its batch; this is what makes a
+  resumed run equal an uninterrupted one.
+- Stop strings are transformers' ``StopStringCriteria`` over the generated tokens only;
+  the text is cut at the first one (``cut_at_stop``).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
 
@@ -23,11 +26,11 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
+    GenerationConfig,
     StaticCache,
-    TemperatureLogitsWarper,
-    TopPLogitsWarper,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
 )
 
 from selfalign.backends.base import (
@@ -37,9 +40,10 @@ from selfalign.backends.base import (
     SamplingParams,
     ScoreRequest,
     cut_at_stop,
-    first_token_bias,
 )
-from selfalign.backends.ngram import NGramRules, TokenText, apply_rules, token_texts
+from selfalign.backends.ngram import token_texts
+from selfalign.backends.sampling import logits_processors
+from selfalign.backends.tokens import RequestTokenizer
 from selfalign.errors import InputError
 
 _PREFIX_CACHE_SIZE = 4
@@ -77,24 +81,35 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-class _BatchNGramRules:
-    """``NGramRules`` for each row still decoding, as a transformers logits processor
-    (rows leave the batch as they finish, so ``step`` drops them)."""
+@contextmanager
+def _sole_generation_config(config: GenerationConfig, model) -> Iterator[None]:
+    """``generate`` fills every option left unset from ``model.generation_config``: a
+    checkpoint's sampling settings or repetition penalty (Qwen) would change the output,
+    its ``max_length`` (Llama 2) would warn on every call. For the call, ``config`` stands
+    in for it (on the transformers model under a PEFT wrapper, which is what runs)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, model.generation_config = model.generation_config, config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
-    def __init__(self, params: SamplingParams, rows: int, token_text: TokenText) -> None:
-        self.rows = [
-            NGramRules(params.no_repeat_ngram_size, params.ngram_penalties, token_text)
-            for _ in range(rows)
-        ]
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        return apply_rules(scores, enumerate(self.rows))
+class _StopStrings(StoppingCriteria):
+    """A ``StopStringCriteria`` over the generated tokens only (as ``cut_at_stop`` reads
+    them: a stop string begun in the prompt does not count), remembering how many tokens
+    each row had when its first stop string appeared."""
 
-    def step(self, tokens: list[int], still: list[int]) -> None:
-        """Each active row's new token, then only the rows at positions ``still`` remain."""
-        for rules, token in zip(self.rows, tokens, strict=True):
-            rules.feed([token])
-        self.rows = [self.rows[k] for k in still]
+    def __init__(self, criteria: StopStringCriteria, prompt_len: int) -> None:
+        self.criteria = criteria
+        self.prompt_len = prompt_len
+        self.lengths: dict[int, int] = {}
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = self.criteria(input_ids[:, self.prompt_len :], scores)
+        for b in done.nonzero()[:, 0].tolist():
+            self.lengths.setdefault(b, input_ids.shape[1] - self.prompt_len)
+        return done
 
 
 @dataclass
@@ -104,7 +119,7 @@ class _Row:
     index: int  # position in the caller's request list
     tokens: list[int]  # fed after the cached prefix
     seed: int
-    generated: list[int]
+    generated: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"  # "stop" once EOS or a stop string appears
 
@@ -135,22 +150,31 @@ class HFBackend(Backend):
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        self.tokens = RequestTokenizer(tokenizer)
         self.eos_ids = self._eos_ids()
-        self.head_ids = self._special_head()
         self.token_text = token_texts(tokenizer)
         self._prefix_caches: OrderedDict[tuple[int, ...], DynamicCache] = OrderedDict()
+        # Built once per stop set: it indexes the whole vocabulary (0.6 s for Gemma's 262k
+        # tokens even when transformers' own cache has it).
+        self._stop_criteria = lru_cache(maxsize=8)(
+            lambda stop: StopStringCriteria(tokenizer, list(stop))
+        )
 
-    # -- tokenization -------------------------------------------------------------------
+    # -- tokenization (a ``RequestTokenizer``, shared with the other backends) ----------
+    @property
+    def head_ids(self) -> list[int]:
+        return self.tokens.head_ids
+
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        return self.tokens.encode(text)
 
-    def _special_head(self) -> list[int]:
-        """The special tokens the tokenizer puts before text (usually BOS), found empirically."""
-        with_special = self.tokenizer("a").input_ids
-        plain = self.tokenizer("a", add_special_tokens=False).input_ids
-        if with_special[len(with_special) - len(plain) :] == plain:
-            return with_special[: len(with_special) - len(plain)]
-        return []
+    def request_ids(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
+        """(shared ids, own ids): the model sees their concatenation."""
+        return self.tokens.request_ids(request)
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """lm-evaluation-harness's context/continuation split (see ``RequestTokenizer``)."""
+        return self.tokens.encode_pair(context, continuation)
 
     def _eos_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -160,28 +184,6 @@ class HFBackend(Backend):
         elif gen_eos:
             ids.update(gen_eos)
         return {i for i in ids if i is not None}
-
-    def request_ids(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
-        """(shared ids, own ids): the model sees their concatenation."""
-        if request.messages is not None:
-            ids = self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return [], list(ids)
-        if not request.prefix:
-            return list(self.head_ids), self.encode(request.prompt)
-        # The model sees the tokens of the joined text: tokenized apart, a SentencePiece
-        # tokenizer (Llama-2, Mistral) starts the prompt with a word-boundary marker that
-        # the joined text never has, and a merge may cross the boundary. The shared part is
-        # the run of joined tokens the prefix's own tokens agree with (usually all of them).
-        shared = self.head_ids + self.encode(request.prefix)
-        joined = self.head_ids + self.encode(request.prefix + request.prompt)
-        n = 0
-        while n < min(len(shared), len(joined)) and shared[n] == joined[n]:
-            n += 1
-        return joined[:n], joined[n:]
 
     # -- prefix cache -------------------------------------------------------------------
     @torch.no_grad()
@@ -194,7 +196,7 @@ class HFBackend(Backend):
             return self._prefix_caches[ids]
         cache = DynamicCache()
         inp = torch.tensor([ids], device=self.device)
-        self.model(input_ids=inp, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1)
         self.stats.prefill_tokens += len(ids)
         self._prefix_caches[ids] = cache
         while len(self._prefix_caches) > _PREFIX_CACHE_SIZE:
@@ -247,7 +249,7 @@ class HFBackend(Backend):
             group = list(group)
             for start in range(0, len(group), self.batch_size):
                 chunk = group[start : start + self.batch_size]
-                rows = [_Row(index=i, tokens=t, seed=s, generated=[]) for _, _, i, t, s in chunk]
+                rows = [_Row(index=i, tokens=t, seed=s) for _, _, i, t, s in chunk]
                 self._decode(cached, rows, params)
                 for row in rows:
                     results[row.index] = GenerationResult(
@@ -262,136 +264,54 @@ class HFBackend(Backend):
             self.stats.completion_tokens += r.completion_tokens
         return results  # type: ignore[return-value]
 
-    def _processors(
-        self, params: SamplingParams, rows: int
-    ) -> tuple[LogitsProcessorList, _BatchNGramRules | None]:
-        """The warping chain; the n-gram rules (also returned: they follow the rows) see
-        logits after the repetition penalty and before temperature."""
-        procs = LogitsProcessorList()
-        ngram = None
-        if params.repetition_penalty != 1.0:
-            procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-        if params.no_repeat_ngram_size > 0 or params.ngram_penalties:
-            ngram = _BatchNGramRules(params, rows, self.token_text)
-            procs.append(ngram)
-        if params.temperature > 0:
-            procs.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_p < 1.0:
-                procs.append(TopPLogitsWarper(params.top_p))
-        return procs, ngram
-
-    def _bias(self, params: SamplingParams, vocab: int) -> torch.Tensor | None:
-        if not params.logit_bias:
-            return None
-        bias = torch.zeros(vocab, device=self.device)
-        for token, value in first_token_bias(params.logit_bias, self.encode).items():
-            bias[token] = value
-        return bias
-
     @torch.no_grad()
     def _decode(self, cached: tuple[int, ...], rows: list[_Row], params: SamplingParams) -> None:
+        """``model.generate`` from the prefix's cache; each row's own tokens are left-padded
+        (pads sit between prefix and tokens, masked out) and positioned after the prefix."""
+        if params.max_new_tokens < 1:  # generate() refuses it; the rows stay empty
+            return
         batch, p = len(rows), len(cached)
         width = max(len(r.tokens) for r in rows)
-        # Left-pad each row's own tokens; pads sit between prefix and tokens, masked out.
         inp = torch.full((batch, width), self.pad_id, dtype=torch.long)
         own_mask = torch.zeros((batch, width), dtype=torch.long)
         for b, r in enumerate(rows):
             inp[b, width - len(r.tokens) :] = torch.tensor(r.tokens)
             own_mask[b, width - len(r.tokens) :] = 1
-        attn = torch.cat([torch.ones((batch, p), dtype=torch.long), own_mask], 1).to(self.device)
-        pos = (p + own_mask.cumsum(1) - 1).clamp(min=p).to(self.device)
-        history = inp.to(self.device)  # own tokens + generated, for penalty processors
-        cache = self._decode_cache(cached, batch, p + width + params.max_new_tokens)
-        out = self.model(
-            input_ids=history, attention_mask=attn, position_ids=pos,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        attn = torch.cat([torch.ones((batch, p), dtype=torch.long), own_mask], 1)
+        pos = (p + own_mask.cumsum(1) - 1).clamp(min=p)
+        stops = _StopStrings(self._stop_criteria(params.stop), width) if params.stop else None
+        # Greedy: any sampling is done by the processors. No automatic torch.compile
+        # (a static cache would trigger it on a GPU, and every batch shape compile anew).
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens, do_sample=False, disable_compile=True,
+            eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id,
         )  # fmt: skip
-        self.stats.prefill_tokens += int(own_mask.sum())
-        logits = out.logits[:, -1, :].float()
-        procs, ngram = self._processors(params, batch)
-        bias = self._bias(params, logits.shape[-1])
-        gens = [torch.Generator().manual_seed(r.seed) for r in rows]
-        active = list(range(batch))  # rows still decoding, in batch order
-        last_pos = pos[:, -1]
-        for _step in range(params.max_new_tokens):
-            scores = procs(history, logits)
-            if bias is not None:
-                scores = scores + bias
-            if params.temperature > 0:
-                probs = torch.softmax(scores, -1).cpu()
-                nxt = [
-                    int(torch.multinomial(probs[k], 1, generator=gens[b]))
-                    for k, b in enumerate(active)
-                ]
-            else:
-                nxt = scores.argmax(-1).tolist()
-            still = []
-            for k, b in enumerate(active):
-                row = rows[b]
-                if nxt[k] in self.eos_ids:
-                    row.finish_reason = "stop"
-                    continue
-                row.generated.append(nxt[k])
-                if self._hit_stop(row, params.stop):
-                    row.finish_reason = "stop"
-                    continue
-                still.append(k)
-            if ngram is not None:
-                ngram.step(nxt, still)
-            if not still:
-                break
-            if len(still) < len(active):
-                keep = torch.tensor(still, device=self.device)
-                cache.reorder_cache(keep)
-                attn, history, last_pos = attn[keep], history[keep], last_pos[keep]
-                nxt = [nxt[k] for k in still]
-                active = [active[k] for k in still]
-            step_ids = torch.tensor(nxt, device=self.device)[:, None]
-            history = torch.cat([history, step_ids], 1)
-            attn = torch.cat([attn, torch.ones_like(step_ids)], 1)
-            last_pos = last_pos + 1
-            out = self.model(
-                input_ids=step_ids, attention_mask=attn, position_ids=last_pos[:, None],
-                past_key_values=cache, use_cache=True,
+        with _sole_generation_config(config, self.model):
+            out = self.model.generate(
+                inp.to(self.device), attention_mask=attn.to(self.device),
+                position_ids=pos.to(self.device),
+                cache=self._decode_cache(cached, batch, p + width + params.max_new_tokens),
+                generation_config=config,
+                logits_processor=logits_processors(
+                    params, [r.seed for r in rows], encode=self.encode, token_text=self.token_text
+                ),
+                stopping_criteria=StoppingCriteriaList([stops] if stops else []),
             )  # fmt: skip
-            logits = out.logits[:, -1, :].float()
-        for row in rows:
+        self.stats.prefill_tokens += int(own_mask.sum())
+        for b, (row, generated) in enumerate(zip(rows, out[:, width:].tolist(), strict=True)):
+            if stops is not None and b in stops.lengths:
+                generated = generated[: stops.lengths[b]]
+                row.finish_reason = "stop"
+            for k, token in enumerate(generated):
+                if token in self.eos_ids:
+                    generated, row.finish_reason = generated[:k], "stop"
+                    break
+            row.generated = generated
             row.text = cut_at_stop(
-                self.tokenizer.decode(row.generated, skip_special_tokens=True), params.stop
+                self.tokenizer.decode(generated, skip_special_tokens=True), params.stop
             )
-
-    def _hit_stop(self, row: _Row, stop: Sequence[str]) -> bool:
-        """Checked after every token, so a new stop string ends in the newest token: only a
-        tail needs decoding (up to 4 tokens a character, plus slack so that a decoder that
-        drops the window's leading space cannot hide it). Decoding the whole row each step
-        cost ~20% of a 512-token generation."""
-        if not stop:
-            return False
-        window = 4 * max(len(s) for s in stop) + 4
-        text = self.tokenizer.decode(row.generated[-window:], skip_special_tokens=True)
-        return any(s in text for s in stop)
 
     # -- scoring ------------------------------------------------------------------------
-    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm-evaluation-harness's split: trailing context spaces move to the continuation,
-        the whole string is tokenized, and the continuation is what follows the context.
-        As in lm-eval 0.4.13 (tokenizer defaults), the context starts with the tokenizer's
-        own leading special tokens (BOS for Llama/Mistral, none for Qwen)."""
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        if not context:
-            first = self.tokenizer.bos_token_id
-            return [first if first is not None else self.tokenizer.eos_token_id], self.encode(
-                continuation
-            )
-        # (the openai backend borrows this method and has a tokenizer but no head_ids)
-        head = self.head_ids if hasattr(self, "head_ids") else HFBackend._special_head(self)
-        whole = head + self.encode(context + continuation)
-        ctx = head + self.encode(context)
-        return ctx, whole[len(ctx) :]
-
     @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         """Summed log P(continuation | context); each distinct context is run once."""
@@ -425,7 +345,7 @@ class HFBackend(Backend):
         pos = torch.arange(p, p + width).expand(len(rows), -1)
         logits = self.model(
             input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device), past_key_values=self._expanded(cached, len(rows)),
+            position_ids=pos.to(self.device), cache=self._expanded(cached, len(rows)),
             use_cache=True,
         ).logits.float()  # fmt: skip
         self.stats.prefill_tokens += sum(len(r) for r in rows)

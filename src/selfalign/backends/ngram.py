@@ -23,9 +23,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # Per-request switches, in vLLM's ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP).
 SIZE_ARG = "no_repeat_ngram_size"
@@ -194,6 +195,8 @@ def apply_rules(logits: torch.Tensor, rows: Iterable[tuple[int, NGramRules]]) ->
         index_cols += adjust
         amounts += adjust.values()
     if amounts:
+        import torch  # here: the openai backend reads this module's request arguments
+
         where = torch.tensor([index_rows, index_cols], device=logits.device)
         values = torch.tensor(amounts, dtype=logits.dtype, device=logits.device)
         logits.index_put_((where[0], where[1]), values.neg_(), accumulate=True)

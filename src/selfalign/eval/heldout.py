@@ -8,7 +8,8 @@ exemplars: the no-training baseline; its answer is the text after its thoughts),
 itself before the token limit (``self_stop``: its end-of-sequence token, or the start of a
 next turn, the stop string every stage uses; plain ``generate`` stops at the former only),
 and its length. Per model: self-stop rate, mean length,
-and the refusal rate on each kind of prompt.
+and the refusal rate on each kind of prompt. A MoTE model (``mote``) answers in its
+adaptive mode: its answer is the text of its answer step.
 
 Refusals are counted by ``is_refusal``, a phrase classifier: an answer refuses when one
 of its first two sentences declines ("I can't help with that", "I won't", "I'm sorry,
@@ -105,6 +106,33 @@ def answer_heldout(
             "id": p["id"], "kind": p["kind"], "prompt": p["prompt"], "answer": text,
             "self_stop": self_stop, "chars": len(text), "tokens": result.completion_tokens,
             "refusal": is_refusal(text),
+        })  # fmt: skip
+    return rows
+
+
+def answer_heldout_mote(
+    model_dir: Path, prompts: Sequence[dict[str, Any]], max_new_tokens: int
+) -> list[dict[str, Any]]:
+    """Greedy adaptive chains of a MoTE model, one row per prompt: the answer step's text
+    is the answer (``steps``: the steps the model chose to write), and the model stopped by
+    itself when it closed its answer within ``max_new_tokens`` for the whole chain."""
+    import torch
+
+    from selfalign.mote import generate_steps, load_mote
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tokenizer = load_mote(model_dir, device=device)
+    outputs = generate_steps(
+        model, tokenizer, [p["prompt"] for p in prompts], mode="adaptive",
+        max_new_tokens=max_new_tokens, temperature=0.0, batch_size=8,
+    )  # fmt: skip
+    rows = []
+    for p, out in zip(prompts, outputs, strict=True):
+        text = (out.answer or "").strip()
+        rows.append({
+            "id": p["id"], "kind": p["kind"], "prompt": p["prompt"], "answer": text,
+            "self_stop": out.finished, "chars": len(text), "tokens": len(out.token_ids),
+            "refusal": is_refusal(text), "steps": out.steps,
         })  # fmt: skip
     return rows
 

@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from selfalign.backends.spec import parse_spec
+from selfalign.chunking import pending_chunks
 from selfalign.errors import InputError
 from selfalign.progress import ProgressReporter
-from selfalign.store import JsonlLog
+from selfalign.store import JsonlWriter
 
 T = TypeVar("T")
 
@@ -28,12 +29,12 @@ def model_identity(spec: str) -> str:
     return f"openai#{parsed.name}" if parsed.kind == "openai" else str(parsed)
 
 
-def load_done(path: Path | None) -> tuple[JsonlLog | None, dict[str, dict[str, Any]]]:
+def load_done(path: Path | None) -> tuple[JsonlWriter | None, dict[str, dict[str, Any]]]:
     if path is None:
         return None, {}
     if Path(path).is_dir():
         raise InputError("expected a JSONL file, got a directory", file=path)
-    log = JsonlLog(Path(path))
+    log = JsonlWriter(Path(path))
     try:
         rows = log.read()
     except ValueError:
@@ -57,14 +58,15 @@ def run_resumable(
     the next run). Each record gets its item's ``id``.
     """
     log, done = load_done(records)
-    todo = [(i, item) for i, item in items if i not in done]
+    by_id = dict(items)
+    chunks = list(pending_chunks([i for i, _ in items], done, batch_size))
     failed = 0
-    with ProgressReporter(label, total=len(items), done=len(items) - len(todo)) as progress:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            results = work([item for _, item in chunk])
+    left = sum(map(len, chunks))
+    with ProgressReporter(label, total=len(items), done=len(items) - left) as progress:
+        for chunk in chunks:
+            results = work([by_id[i] for i in chunk])
             fresh = []
-            for (i, _), rec in zip(chunk, results, strict=True):
+            for i, rec in zip(chunk, results, strict=True):
                 if rec is None:
                     failed += 1
                     continue

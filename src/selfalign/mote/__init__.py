@@ -6,55 +6,32 @@ What other parts of selfalign call:
 - ``generate_steps(model, tokenizer, questions, mode=...)`` -> ``StepOutput`` per question
   (``.record()`` is a chain record, ``.render()`` the steps for display);
 - ``build_mote`` / ``save_mote`` / ``export_merged_step`` for custom loops and serving.
+
+Names are imported from their modules on first use, so ``import selfalign.mote`` (and the
+settings in ``mote.config``) cost no torch or peft import until a model is touched.
 """
 
-from pathlib import Path
+from __future__ import annotations
 
-from selfalign.mote.data import Chain, Encoder, StepCollator, parse_chains
-from selfalign.mote.generate import MODES, StepOutput, generate_steps
-from selfalign.mote.layer import MoteLinear, Router
-from selfalign.mote.model import (
-    CONFIG_FILE,
-    MoteConfig,
-    build_lora,
-    build_mote,
-    export_merged_step,
-    load_mote,
-    mote_state,
-    save_mote,
-)
-from selfalign.mote.steps import STEPS, StepTokens, add_step_tokens, step_ids_from_input_ids
-from selfalign.mote.train import MoteTrainConfig, MoteTrainResult, train_mote
+from selfalign.lazy import lazy_getattr
 
+_EXPORTS = {
+    "config": ("MoteConfig", "MoteTrainConfig", "is_mote_dir"),
+    "data": ("Chain", "Encoder", "StepCollator", "parse_chains"),
+    "generate": ("MODES", "StepOutput", "generate_steps"),
+    "layer": ("MoteLinear", "Router"),
+    "model": (
+        "build_lora",
+        "build_mote",
+        "export_merged_step",
+        "load_mote",
+        "mote_state",
+        "save_mote",
+    ),  # fmt: skip
+    "steps": ("STEPS", "StepTokens", "add_step_tokens", "step_ids_from_input_ids"),
+    "train": ("MoteTrainResult", "train_mote"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-def is_mote_dir(path: str | Path) -> bool:
-    """A directory written by ``save_mote``/``train_mote`` (needs ``load_mote``)."""
-    return (Path(path) / CONFIG_FILE).is_file()
-
-
-__all__ = [
-    "MODES",
-    "STEPS",
-    "Chain",
-    "Encoder",
-    "MoteConfig",
-    "MoteLinear",
-    "Router",
-    "StepCollator",
-    "StepOutput",
-    "StepTokens",
-    "MoteTrainConfig",
-    "MoteTrainResult",
-    "add_step_tokens",
-    "build_lora",
-    "build_mote",
-    "export_merged_step",
-    "generate_steps",
-    "is_mote_dir",
-    "load_mote",
-    "mote_state",
-    "parse_chains",
-    "save_mote",
-    "step_ids_from_input_ids",
-    "train_mote",
-]
+__getattr__ = lazy_getattr(__name__, _MODULE_OF)

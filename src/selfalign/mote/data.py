@@ -22,14 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from selfalign.chat_format import render_prompt
 from selfalign.errors import InputError
 from selfalign.mote.masking import additive_mask, step_position_ids, step_visibility
-from selfalign.mote.steps import (
-    QUESTION,
-    STEP_IDS,
-    STEPS,
-    StepTokens,
-    step_ids_from_input_ids,
-    strip_step_tokens,
-)
+from selfalign.mote.steps import StepTokens, step_ids_from_input_ids
+from selfalign.text.steps import QUESTION, STEP_IDS, STEPS, strip_step_tokens
+from selfalign.validation import describe_error, field_path
 
 IGNORE = -100
 
@@ -58,9 +53,8 @@ def parse_chains(
         try:
             chains.append(Chain.model_validate(record))
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = ".".join(str(p) for p in err["loc"]) or None
-            raise InputError(err["msg"], file=file, line=line, field=field) from None
+            loc, msg = describe_error(exc)
+            raise InputError(msg, file=file, line=line, field=field_path(loc) or None) from None
     return chains
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 
-from selfalign.mote.steps import QUESTION, STEPS
+from selfalign.mote.config import SHARED
+from selfalign.text.steps import QUESTION, STEPS
 
-SHARED = "shared"
 NO_STEP_EXPERT = -1  # route value for "shared expert only"
 
 

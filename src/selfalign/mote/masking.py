@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from selfalign.mote.steps import QUESTION
+from selfalign.text.steps import QUESTION
 
 
 def step_visibility(

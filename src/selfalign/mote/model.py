@@ -29,49 +29,20 @@ from peft import (
     get_peft_model,
     inject_adapter_in_model,
 )
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from selfalign.errors import InputError
-from selfalign.mote.layer import NO_STEP_EXPERT, SHARED, MoteLinear, Router
-from selfalign.mote.steps import (
-    QUESTION,
-    STEPS,
-    StepTokens,
-    add_step_tokens,
-    step_ids_from_input_ids,
-)
+from selfalign.mote.config import CONFIG_FILE, SHARED, MoteConfig
+from selfalign.mote.layer import NO_STEP_EXPERT, MoteLinear, Router
+from selfalign.mote.steps import StepTokens, add_step_tokens, step_ids_from_input_ids
+from selfalign.text.steps import QUESTION, STEPS
 
-CONFIG_FILE = "mote_config.json"
 ADAPTER_FILE = "mote_adapter.safetensors"
 LORA_DIR = "lora_adapter"  # the plain-LoRA baseline's peft adapter
 FORMAT = "selfalign-mote/1"
 TOKENS_ADAPTER = "step_tokens"
 Method = Literal["mote", "lora"]
-
-
-class MoteConfig(BaseModel):
-    """Architecture of the experts (saved with the model)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rank: int = Field(16, ge=1)
-    lora_alpha: float = Field(32.0, gt=0)  # peft scaling = lora_alpha / rank
-    lora_dropout: float = Field(0.05, ge=0, lt=1)
-    alpha: float = Field(0.5, ge=0, le=1)  # step expert weight; shared gets 1 - alpha
-    shared_expert: bool = True
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
-    # Expert for question tokens outside training (training draws one at random per sequence).
-    # "answer" by default: every chain has an answer, so that expert sees the most data.
-    question_expert: Literal["analysis", "guidance", "answer", "shared"] = "answer"
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _shared_needed(self) -> MoteConfig:
-        if self.question_expert == SHARED and not self.shared_expert:
-            raise ValueError("question_expert 'shared' needs shared_expert: true")
-        return self
 
 
 @dataclass
@@ -211,7 +182,8 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("a MoTE model called with inputs_embeds needs step_ids=")
-        cache = kwargs.get("past_key_values")
+        # transformers 5 passes the KV cache as ``cache=`` (``past_key_values`` before)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         initial: torch.Tensor | int = QUESTION
         if cache is not None and cache.get_seq_length() > 0:
             last = router.last_step

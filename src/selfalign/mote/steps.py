@@ -17,10 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-QUESTION = 0
-ANALYSIS, GUIDANCE, ANSWER = 1, 2, 3
-STEPS: tuple[str, ...] = ("analysis", "guidance", "answer")  # step id = index + 1
-STEP_IDS: dict[str, int] = {name: i + 1 for i, name in enumerate(STEPS)}
+from selfalign.text.steps import QUESTION, STEPS, step_token_strings
 
 # Used to initialise the new embedding rows: a start/end token begins as the mean
 # embedding of these words instead of a random vector.
@@ -29,25 +26,6 @@ _TOKEN_HINTS = {
     "guidance": ("guidance", "end of guidance"),
     "answer": ("answer", "end of answer"),
 }
-
-
-def start_token(step: str) -> str:
-    return f"<|{step}|>"
-
-
-def end_token(step: str) -> str:
-    return f"<|/{step}|>"
-
-
-def step_token_strings() -> list[str]:
-    return [tok for step in STEPS for tok in (start_token(step), end_token(step))]
-
-
-def strip_step_tokens(text: str) -> str:
-    """Remove delimiter strings from free text, so no text can open or close a step."""
-    for token in step_token_strings():
-        text = text.replace(token, "")
-    return text
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,9 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -34,10 +33,10 @@ from transformers import (
 )
 
 from selfalign.errors import InputError
+from selfalign.mote.config import METRICS_FILE, MoteTrainConfig
 from selfalign.mote.data import Chain, Encoder, StepCollator
 from selfalign.mote.model import (
     ADAPTER_FILE,
-    MoteConfig,
     adapter_state_dict,
     build_lora,
     build_mote,
@@ -45,52 +44,6 @@ from selfalign.mote.model import (
     save_mote,
 )
 from selfalign.train.checkpoints import resume_point
-
-TrainMethod = Literal["mote", "mote_no_shared", "mote_no_skip", "lora", "expanded"]
-METRICS_FILE = "train_metrics.json"
-
-
-class MoteTrainConfig(BaseModel):
-    """Training recipe; defaults follow the paper (3 epochs, lr 2e-5, batch 16, rank 16)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    method: TrainMethod = "mote"
-    mote: MoteConfig = Field(default_factory=MoteConfig)
-    step_skip_prob: float = Field(0.25, ge=0, le=1)  # not given by the paper: ours
-    system: str | None = None  # system prompt of the chat format, kept with the model
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = -1  # > 0 overrides epochs
-    learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(16, ge=1)  # effective batch (per device x accumulation)
-    per_device_batch_size: int | None = Field(None, ge=1)  # default: batch_size
-    max_length: int = Field(2048, ge=8)
-    lr_scheduler: str = "cosine"
-    warmup: float = Field(0.03, ge=0)  # ratio of steps if < 1, else steps
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    gradient_checkpointing: bool = False
-    # Packed chains need a 4D attention mask: sdpa or eager, not flash-attention.
-    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    logging_steps: int = 10
-    save_strategy: Literal["no", "epoch", "steps"] = "no"
-    save_steps: int = 500
-    resume: bool = True  # continue from the last checkpoint in out_dir/checkpoints
-    seed: int = 0
-    progress: bool = True
-
-    def resolved_mote(self) -> MoteConfig:
-        """The expert architecture after the method's overrides."""
-        if self.method != "mote_no_shared":
-            return self.mote
-        question = "answer" if self.mote.question_expert == "shared" else self.mote.question_expert
-        return self.mote.model_copy(update={"shared_expert": False, "question_expert": question})
-
-    @property
-    def skip_prob(self) -> float:
-        return self.step_skip_prob if self.method in ("mote", "mote_no_shared") else 0.0
 
 
 @dataclass

@@ -1,11 +1,1 @@
-"""Built-in stages; importing a module registers its stage with the runner."""
-
-from selfalign.stages import (  # noqa: F401
-    aligned,
-    chains,
-    engrave,
-    evaluate,
-    mote_stage,
-    prompts,
-    verbose,
-)
+"""Built-in stages, one module each; ``selfalign.registry`` maps their names to modules."""

@@ -27,8 +27,8 @@ from pydantic import AfterValidator, Field
 
 from selfalign.annotations.principles import Annotations, load_annotations
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
+from selfalign.stages.api import Batch, MapWork, Stage, StageContext
 from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.store import record_id
 from selfalign.text.answers import (
@@ -53,6 +53,7 @@ from selfalign.text.thoughts import (
     split_generation,
     starts_with_self_description,
 )
+from selfalign.validation import ConfigPath
 
 # Why an output was dropped, in the order the checks run.
 REASONS = (
@@ -369,13 +370,6 @@ def _check_bias(ctx: StageContext, cfg: AlignedConfig) -> None:
             )
 
 
-@stage(
-    "aligned",
-    config=AlignedConfig,
-    inputs=("prompts",),
-    summarize=summarize,
-    annotation_files=annotation_files,
-)
 def run_aligned(ctx: StageContext):
     cfg: AlignedConfig = ctx.config  # type: ignore[assignment]
     prompt, judge = build(cfg)
@@ -387,28 +381,21 @@ def run_aligned(ctx: StageContext):
         stop=STOP,
         logit_bias=dict(cfg.refusal_bias),
     )
-    items = answer_order(ctx.inputs("prompts"), ctx.seed, cfg.max_prompts)
-    ctx.set_total(len(items))
-    ids = list(items)
-    if any(i not in ctx.done_ids for i in ids):
-        _check_bias(ctx, cfg)
-    # Fixed chunk boundaries: a resumed run batches the remaining prompts as before.
-    for start in range(0, len(ids), cfg.chunk_size):
-        todo = [i for i in ids[start : start + cfg.chunk_size] if i not in ctx.done_ids]
-        if not todo:
-            continue
+
+    def answer(chunk: list[tuple[str, tuple[dict[str, Any], str]]]) -> Batch:
         requests = [
             GenerationRequest(
-                prompt=prompt.query_prompt(items[i][1]),
+                prompt=prompt.query_prompt(query),
                 prefix=prefix,
                 params=params,
-                seed=ctx.seed_for(items[i][0]["id"]),
+                seed=ctx.seed_for(source["id"]),
             )
-            for i in todo
+            for _, (source, query) in chunk
         ]
         batch = Batch()
-        for rid, result in zip(todo, ctx.backend().generate(requests), strict=True):
-            source, query = items[rid]
+        for (rid, (source, query)), result in zip(
+            chunk, ctx.backend().generate(requests), strict=True
+        ):
             base = {"id": rid, "prompt_id": source["id"], "prompt": query,
                     "source": source.get("source"), "type": source.get("type")}  # fmt: skip
             if result.error is not None:
@@ -420,4 +407,17 @@ def run_aligned(ctx: StageContext):
             else:
                 out = {**base, "output": result.text, "finish_reason": result.finish_reason}
                 batch.drop.append(({**out, **verdict.fields}, verdict.reason))
-        yield batch
+        return batch
+
+    items = answer_order(ctx.inputs("prompts"), ctx.seed, cfg.max_prompts)
+    yield MapWork(items, cfg.chunk_size, answer, start=lambda: _check_bias(ctx, cfg))
+
+
+STAGE = Stage(
+    "aligned",
+    AlignedConfig,
+    run_aligned,
+    inputs=("prompts",),
+    summarize=summarize,
+    annotation_files=annotation_files,
+)

@@ -25,6 +25,7 @@ same records. Prompt wording and parsing: ``selfalign.text.aligncot``.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 import random
 import re
@@ -37,9 +38,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field
 
 from selfalign.backends import GenerationRequest, SamplingParams, ScoreRequest
-from selfalign.config import ExistingPath, StageConfig
+from selfalign.config import StageConfig
 from selfalign.errors import InputError
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.stages.api import Batch, MapWork, Stage, StageContext
 from selfalign.store import read_jsonl_numbered, record_id
 from selfalign.text.aligncot import (
     CHAIN_SYSTEM,
@@ -53,6 +54,9 @@ from selfalign.text.aligncot import (
     clean_step,
     parse_verdict,
 )
+from selfalign.validation import ExistingPath
+
+CONTENT_FREE = "N/A"  # the message and reply of the calibration check
 
 # Drop reasons, in the order they can happen.
 REASONS = (
@@ -86,6 +90,12 @@ class ChainsConfig(StageConfig):
     check: Literal["generate", "likelihood"] = "generate"
     check_temperature: float = Field(
         0.0, ge=0, description="0: greedy check / the likelier verdict; > 0: sampled"
+    )
+    check_calibration: Literal["none", "content_free"] = Field(
+        "none",
+        description="likelihood check: content_free subtracts the model's own leaning "
+        "toward ' yes' (its log-odds on a check of an 'N/A' message and reply, scored once), "
+        "so a model that calls every reply safe must find this one safer than nothing",
     )
     check_max_new_tokens: int = Field(16, ge=1)
     unparseable_check: Literal["unsafe", "safe"] = Field(
@@ -287,30 +297,42 @@ class _Rounds:
             }
         return out
 
-    def _check_likelihood(self, chains: list[_Chain], rnd: int) -> dict[str, dict[str, Any]]:
+    def _yes_no(self, pairs: list[tuple[str, str]]) -> list[tuple[float, float]]:
+        """The log-likelihoods of the two verdicts for each (message, reply)."""
         requests = [
-            ScoreRequest(CHECK_SYSTEM + check_prompt(c.query.text, c.answer, "likelihood"), choice)
-            for c in chains
+            ScoreRequest(CHECK_SYSTEM + check_prompt(question, answer, "likelihood"), choice)
+            for question, answer in pairs
             for choice in LIKELIHOOD_CHOICES
         ]
-        if not requests:
-            return {}
-        scores = self.backend.score(requests)
+        scores = self.backend.score(requests) if requests else []
+        return list(zip(scores[0::2], scores[1::2], strict=True))
+
+    @functools.cached_property
+    def prior(self) -> float:
+        """The log-odds of safe the check gives a content-free message and reply (Zhao et
+        al. 2021, "Calibrate before use"); 0 when calibration is off."""
+        if self.cfg.check_calibration == "none":
+            return 0.0
+        ((yes, no),) = self._yes_no([(CONTENT_FREE, CONTENT_FREE)])
+        return yes - no
+
+    def _check_likelihood(self, chains: list[_Chain], rnd: int) -> dict[str, dict[str, Any]]:
         out = {}
-        for i, chain in enumerate(chains):
-            yes, no = scores[2 * i], scores[2 * i + 1]
+        scores = self._yes_no([(c.query.text, c.answer) for c in chains])
+        for chain, (yes, no) in zip(chains, scores, strict=True):
+            margin = yes - no - self.prior
             t = self.cfg.check_temperature
             if t > 0:  # sample the verdict from the model's two-way distribution
-                p_safe = 1.0 / (1.0 + math.exp(max(-700.0, min(700.0, (no - yes) / t))))
+                p_safe = 1.0 / (1.0 + math.exp(max(-700.0, min(700.0, -margin / t))))
                 draw = random.Random(self.ctx.seed_for(chain.rid, "check", rnd)).random()
                 safe = draw < p_safe
             else:
-                safe = yes > no
-            out[chain.rid] = {
-                "verdict": "safe" if safe else "unsafe",
-                "parsed": True,
-                "output": {"yes": round(yes, 4), "no": round(no, 4)},
-            }
+                safe = margin > 0
+            output = {"yes": round(yes, 4), "no": round(no, 4)}
+            if self.cfg.check_calibration != "none":
+                output["prior"] = round(self.prior, 4)
+            out[chain.rid] = {"verdict": "safe" if safe else "unsafe", "parsed": True,
+                              "output": output}  # fmt: skip
         return out
 
 
@@ -369,27 +391,22 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     }
 
 
-@stage(
-    "chains",
-    config=ChainsConfig,
-    summarize=summarize,
-    data_files=_query_files,
-)
-def run_chains(ctx: StageContext) -> Iterator[Batch]:
+def run_chains(ctx: StageContext) -> Iterator[MapWork]:
     cfg: ChainsConfig = ctx.config  # type: ignore[assignment]
-    items = chain_queries(cfg)
-    ctx.set_total(len(items))
-    ids = list(items)
-    if not any(i not in ctx.done_ids for i in ids):
-        return
-    rounds = _Rounds(ctx, cfg)
-    if cfg.check == "likelihood" and not rounds.backend.can_score:
-        raise InputError(
-            f"check: likelihood needs a backend that can score; {rounds.backend.name} cannot",
-            field="stages.chains.check",
-        )  # fmt: skip
-    # Fixed chunk boundaries: a resumed run batches the remaining queries as before.
-    for start in range(0, len(ids), cfg.chunk_size):
-        todo = [i for i in ids[start : start + cfg.chunk_size] if i not in ctx.done_ids]
-        if todo:
-            yield _run_chunk(rounds, [_Chain(i, items[i]) for i in todo])
+    rounds: list[_Rounds] = []
+
+    def start() -> None:
+        rounds.append(_Rounds(ctx, cfg))
+        if cfg.check == "likelihood" and not rounds[0].backend.can_score:
+            raise InputError(
+                f"check: likelihood needs a backend that can score; {rounds[0].backend.name} "
+                "cannot", field="stages.chains.check",
+            )  # fmt: skip
+
+    def write(chunk: list[tuple[str, Query]]) -> Batch:
+        return _run_chunk(rounds[0], [_Chain(i, query) for i, query in chunk])
+
+    yield MapWork(chain_queries(cfg), cfg.chunk_size, write, start=start)
+
+
+STAGE = Stage("chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
 
 from pydantic import Field
 
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.stages.api import Artifact, Stage, StageContext
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
@@ -48,18 +49,25 @@ def training_pairs(records: list[dict], max_examples: int | None, seed: int) -> 
 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
-    return training_summary(ctx.dir)
+    return training_summary(ctx.artifact())
 
 
-@stage("engraved", config=EngraveConfig, inputs=("aligned",), summarize=_summary)
-def run_engrave(ctx: StageContext) -> Iterator[Batch]:
+def run_engrave(ctx: StageContext) -> Iterator[Artifact]:
     cfg: EngraveConfig = ctx.config  # type: ignore[assignment]
     pairs = training_pairs(ctx.inputs("aligned"), cfg.max_examples, ctx.seed_for("max_examples"))
     if not pairs:
         raise RuntimeError("stage 2 kept no (prompt, answer) pairs: nothing to engrave")
-    ctx.set_total(len(pairs))
-    ctx.log(f"fine-tuning on {len(pairs)} pairs without the principles")
     system_text = cfg.system_text.replace("{name}", cfg.assistant_name)
-    train_model(pairs, base_model_dir(ctx.run.model), ctx.dir, cfg.train, system_text, cfg.launch)
-    ctx.advance(len(pairs))
-    yield from ()
+
+    def build(folder: Path) -> None:
+        ctx.log(f"fine-tuning on {len(pairs)} pairs without the principles")
+        train_model(pairs, base_model_dir(ctx.run.model), folder, cfg.train, system_text,
+                    cfg.launch)  # fmt: skip
+
+    yield Artifact(build, examples=len(pairs))
+
+
+STAGE = Stage(
+    "engraved", EngraveConfig, run_engrave, inputs=("aligned",), summarize=_summary,
+    artifact="engraved",
+)  # fmt: skip

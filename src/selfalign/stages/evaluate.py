@@ -15,16 +15,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from selfalign.backends import BackendConfig
-from selfalign.config import ExistingPath, StageConfig, StrictModel
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.config import StageConfig
+from selfalign.eval.heldout import KINDS
+from selfalign.stages.api import Batch, MapWork, Stage, StageContext
+from selfalign.stages.training import PLAIN_SYSTEM_TEXT, train_log, trained_backend
 from selfalign.store import atomic_write_json
-from selfalign.train.export import TRAIN_LOG
+from selfalign.validation import ExistingPath, StrictModel, load_yaml
 
-ModelName = Literal["base", "engraved", "final"]
+ModelName = Literal["base", "engraved", "final", "mote"]
+# the stage that builds each trained model
+MODEL_STAGES: dict[str, str] = {"engraved": "engraved", "final": "verbose", "mote": "mote"}
 
 
 class TruthfulQASettings(StrictModel):
@@ -42,39 +45,59 @@ class HeldoutSettings(StrictModel):
     """Answers to prompts no stage trained on, side by side in the report."""
 
     prompts: ExistingPath | None = Field(None, description="JSONL; default: the shipped 24")
+    kinds: list[Literal[KINDS]] | None = Field(  # type: ignore[valid-type]
+        None, description="only prompts of these kinds (benign, harmful, safe_alarming)"
+    )
     max_new_tokens: int = Field(160, gt=0)
     icl: bool = Field(True, description="also the base model under the stage-2 prompt")
 
 
 class EvalStageConfig(StageConfig):
-    models: list[ModelName] = ["base", "engraved", "final"]
+    models: list[ModelName] = Field(
+        ["base", "engraved", "final"],
+        description="base, engraved, final (verbose/model) and mote (held-out answers only)",
+    )
     truthfulqa: TruthfulQASettings | None = None
     hhh: HHHSettings | None = None
     heldout: HeldoutSettings | None = None
 
+    @model_validator(mode="after")
+    def _mote_answers_only(self) -> EvalStageConfig:
+        if "mote" in self.models and (self.truthfulqa or self.hhh):
+            raise ValueError("the mote model is evaluated on held-out answers only (heldout)")
+        return self
+
+
+def model_stages(cfg: EvalStageConfig) -> tuple[str, ...]:
+    """The stages whose models the config scores: the eval stage's inputs."""
+    return tuple(dict.fromkeys(MODEL_STAGES[m] for m in cfg.models if m != "base"))
+
 
 def model_backend(ctx: StageContext, name: ModelName) -> BackendConfig:
-    base = ctx.backend_config()
-    if name == "engraved":
-        merged = ctx.run_dir / "engraved" / "merged"
-        if merged.is_dir():
-            return base.model_copy(update={"model": str(merged)})
-        return base.model_copy(update={"adapter": str(ctx.run_dir / "engraved")})
-    if name == "final":
-        return base.model_copy(update={"model": str(ctx.run_dir / "verbose" / "model")})
-    return base
+    if name == "base":
+        return ctx.backend_config()
+    return trained_backend(ctx.backend_config(), ctx.artifact(MODEL_STAGES[name]))
 
 
 def trained_system_text(ctx: StageContext, name: ModelName) -> str | None:
     """The system text ``name`` was trained with; None for the base model."""
     if name == "base":
         return None
-    if name == "engraved":
-        model_dir = ctx.run_dir / "engraved"
-    else:  # a LoRA student logs beside its adapter, full fine-tuning in the model dir
-        adapter = ctx.run_dir / "verbose" / "adapter"
-        model_dir = adapter if adapter.is_dir() else ctx.run_dir / "verbose" / "model"
-    return json.loads((model_dir / TRAIN_LOG).read_text(encoding="utf-8"))["system_text"]
+    if name == "mote":
+        from selfalign.mote.config import CONFIG_FILE
+
+        config = json.loads((ctx.artifact("mote") / CONFIG_FILE).read_text(encoding="utf-8"))
+        return config.get("system")
+    return train_log(ctx.artifact(MODEL_STAGES[name]))["system_text"]
+
+
+def base_system_text(ctx: StageContext, cfg: EvalStageConfig) -> str:
+    """What the base model sees in the held-out answers: exactly the system text the
+    first trained model was trained with (the prompt it learned to answer), else ours."""
+    for name in cfg.models:
+        if name != "base" and (text := trained_system_text(ctx, name)):
+            return text
+    return PLAIN_SYSTEM_TEXT.replace("{name}", ctx.run.assistant_name)
 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
@@ -95,40 +118,43 @@ def stage_prompt(ctx: StageContext):
     """Stage 2's in-context prompt, from the run's resolved config (``config.yaml``)."""
     from selfalign.stages.aligned import AlignedConfig, build
 
-    stages = yaml.safe_load((ctx.run_dir / "config.yaml").read_text(encoding="utf-8"))["stages"]
+    stages = load_yaml(ctx.run_dir / "config.yaml")["stages"]
     return build(AlignedConfig.model_validate(stages.get("aligned") or {}))[0]
 
 
-def heldout_job(ctx: StageContext, settings: HeldoutSettings, model: str) -> dict:
+def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
     """Answers of ``model`` to the held-out prompts, with their metrics."""
     from selfalign.eval.heldout import answer_heldout, heldout_metrics, load_heldout
 
-    source: ModelName = "base" if model == "base_icl" else model  # type: ignore[assignment]
-    rows = answer_heldout(
-        ctx.backend(model_backend(ctx, source)), load_heldout(settings.prompts),
-        # the base model sees exactly the prompt the engraved model is trained on
-        system_text=trained_system_text(ctx, source) or trained_system_text(ctx, "engraved"),
-        max_new_tokens=settings.max_new_tokens,
-        icl=stage_prompt(ctx) if model == "base_icl" else None,
-    )  # fmt: skip
+    settings: HeldoutSettings = cfg.heldout  # type: ignore[assignment]
+    prompts = load_heldout(settings.prompts)
+    if settings.kinds is not None:
+        prompts = [p for p in prompts if p["kind"] in settings.kinds]
+    if model == "mote":
+        from selfalign.eval.heldout import answer_heldout_mote
+
+        ctx.close()  # one model in memory at a time
+        rows = answer_heldout_mote(ctx.artifact("mote"), prompts, settings.max_new_tokens)
+    else:
+        source: ModelName = "base" if model == "base_icl" else model  # type: ignore[assignment]
+        rows = answer_heldout(
+            ctx.backend(model_backend(ctx, source), alone=True), prompts,
+            system_text=trained_system_text(ctx, source) or base_system_text(ctx, cfg),
+            max_new_tokens=settings.max_new_tokens,
+            icl=stage_prompt(ctx) if model == "base_icl" else None,
+        )  # fmt: skip
     metrics = heldout_metrics(rows)
     return {"benchmark": "heldout", "protocol": "greedy", "model": model, "metrics": metrics,
             "answers": rows}  # fmt: skip
 
 
-@stage(
-    "eval",
-    config=EvalStageConfig,
-    inputs=("engraved", "verbose"),
-    summarize=_summary,
-    data_files=_data_files,
-)
-def run_eval(ctx: StageContext) -> Iterator[Batch]:
-    from selfalign.eval.hhh import HHH_SYSTEM, evaluate_hhh
-    from selfalign.eval.truthfulqa import DROMEDARY_SYSTEM, evaluate_truthfulqa
+Job = tuple[ModelName, str, str, str]  # (model whose backend runs it, name, benchmark, protocol)
 
-    cfg: EvalStageConfig = ctx.config  # type: ignore[assignment]
-    jobs = []  # (model whose backend runs it, model name, benchmark, protocol)
+
+def eval_jobs(cfg: EvalStageConfig) -> dict[str, Job]:
+    """Every (model, benchmark, protocol) the config asks for, by result name, one model's
+    jobs together (its backend is loaded once)."""
+    jobs: list[Job] = []
     for model in cfg.models:
         if cfg.heldout is not None:
             jobs.append((model, model, "heldout", "greedy"))
@@ -139,29 +165,49 @@ def run_eval(ctx: StageContext) -> Iterator[Batch]:
                 jobs.append((model, model, "truthfulqa", protocol))
         if cfg.hhh is not None:
             jobs.append((model, model, "hhh", "both-orders"))
-    name_of = {job: f"{job[1]}-{job[2]}-{job[3]}" for job in jobs}
-    ctx.set_total(len(jobs))
-    for model in cfg.models:
-        todo = [j for j in jobs if j[0] == model and name_of[j] not in ctx.done_ids]
-        if not todo:
-            continue
-        backend = ctx.backend(model_backend(ctx, model))
+    return {f"{name}-{benchmark}-{protocol}": (model, name, benchmark, protocol)
+            for model, name, benchmark, protocol in jobs}  # fmt: skip
+
+
+def run_eval(ctx: StageContext) -> Iterator[MapWork]:
+    from selfalign.eval.hhh import HHH_SYSTEM, evaluate_hhh
+    from selfalign.eval.truthfulqa import DROMEDARY_SYSTEM, evaluate_truthfulqa
+
+    cfg: EvalStageConfig = ctx.config  # type: ignore[assignment]
+
+    def run_job(job: Job) -> dict:
+        model, name, benchmark, protocol = job
+        if benchmark == "heldout":
+            return heldout_job(ctx, cfg, name)
+        backend = ctx.backend(model_backend(ctx, model), alone=True)
         system = trained_system_text(ctx, model)
-        for job in todo:
-            _, name, benchmark, protocol = job
-            if benchmark == "heldout":
-                data = heldout_job(ctx, cfg.heldout, name)
-            elif benchmark == "truthfulqa":
-                data = evaluate_truthfulqa(
-                    backend, cfg.truthfulqa.data, model=model, protocol=protocol,
-                    limit=cfg.truthfulqa.limit, system=system or DROMEDARY_SYSTEM,
-                )[0].as_dict()  # fmt: skip
-            else:
-                data = evaluate_hhh(
-                    backend, cfg.hhh.data, model=model, limit=cfg.hhh.limit,
-                    system=system or HHH_SYSTEM,
-                )[0].as_dict()  # fmt: skip
-            atomic_write_json(ctx.dir / f"{name_of[job]}.json", data)
+        if benchmark == "truthfulqa":
+            return evaluate_truthfulqa(
+                backend, cfg.truthfulqa.data, model=model, protocol=protocol,
+                limit=cfg.truthfulqa.limit, system=system or DROMEDARY_SYSTEM,
+            )[0].as_dict()  # fmt: skip
+        return evaluate_hhh(
+            backend, cfg.hhh.data, model=model, limit=cfg.hhh.limit, system=system or HHH_SYSTEM
+        )[0].as_dict()
+
+    def run_jobs(chunk: list[tuple[str, Job]]) -> Batch:
+        batch = Batch()
+        for result_name, job in chunk:
+            data = run_job(job)
+            atomic_write_json(ctx.dir / f"{result_name}.json", data)
             record = {k: v for k, v in data.items() if k != "answers"}
-            yield Batch(keep=[{"id": name_of[job], "name": name_of[job], **record}])
-        ctx.close()
+            batch.keep.append({"id": result_name, "name": result_name, **record})
+        return batch
+
+    yield MapWork(eval_jobs(cfg), 1, run_jobs)
+
+
+STAGE = Stage(
+    "eval",
+    EvalStageConfig,
+    run_eval,
+    inputs=("engraved", "verbose"),
+    inputs_of=model_stages,
+    summarize=_summary,
+    data_files=_data_files,
+)

@@ -4,8 +4,8 @@ questions with step-wise decoding.
 Training: ``selfalign.mote.train_mote`` on the kept chains into ``mote/model`` (a model
 directory ``load_mote`` reads; ``train.method`` picks MoTE or a baseline: mote,
 mote_no_shared, mote_no_skip, lora, expanded). It resumes from its checkpoints when
-``train.save_strategy`` writes them; a finished model (``train_metrics.json`` present)
-is not trained again when the stage resumes.
+``train.save_strategy`` writes them; once built, the runner records the model and a
+resumed stage goes straight to the answers.
 
 Answers (``mote/records.jsonl``): ``answer.questions`` (a query file, same formats as the
 chains stage) or, without one, the first ``answer.limit`` chain questions, which the
@@ -21,20 +21,19 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
 
-from selfalign.config import ExistingPath, StageConfig, StrictModel
-from selfalign.mote import MoteTrainConfig, parse_chains
-from selfalign.mote.train import METRICS_FILE
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.config import StageConfig
+from selfalign.mote.config import METRICS_FILE, MoteTrainConfig
+from selfalign.stages.api import Artifact, Batch, MapWork, Stage, StageContext
 from selfalign.stages.chains import load_queries
 from selfalign.stages.training import base_model_dir
 from selfalign.store import record_id
 from selfalign.text.aligncot import chain_length
-
-MODEL_DIR = "model"
+from selfalign.validation import ExistingPath, StrictModel
 
 
 class AnswerSettings(StrictModel):
@@ -102,7 +101,7 @@ def _record(rid: str, out, mode: str) -> dict[str, Any]:
 
 def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict[str, Any]:
     stats: dict[str, Any] = {}
-    metrics_file = ctx.dir / MODEL_DIR / METRICS_FILE
+    metrics_file = ctx.artifact() / METRICS_FILE
     if metrics_file.is_file():
         metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
         keep = ("method", "chains", "examples", "truncated", "tokens", "loss_tokens", "steps",
@@ -119,47 +118,54 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     return stats
 
 
-@stage("mote", config=MoteStageConfig, inputs=("chains",), summarize=summarize)
-def run_mote(ctx: StageContext) -> Iterator[Batch]:
+def run_mote(ctx: StageContext) -> Iterator[Artifact | MapWork]:
     cfg: MoteStageConfig = ctx.config  # type: ignore[assignment]
-    model_dir = ctx.dir / MODEL_DIR
-    if not (model_dir / METRICS_FILE).is_file():  # written last: the model is complete
-        from selfalign.mote import train_mote
+    records = ctx.inputs("chains")[: cfg.max_chains]
 
-        records = ctx.inputs("chains")[: cfg.max_chains]
+    def build(folder: Path) -> None:
+        from selfalign.mote import parse_chains, train_mote
+
         chains = parse_chains(records, file=ctx.run_dir / "chains" / "records.jsonl")
         if not chains:
             raise RuntimeError("the chains stage kept no chains: nothing to train on")
         lengths = Counter(r.get("length") for r in records)
         ctx.log(f"training {cfg.train.method} on {len(chains)} chains ({dict(lengths)})")
-        train_mote(chains, base_model_dir(ctx.run.model), model_dir, _train_config(ctx))
-    if not cfg.answer.enabled:
-        return
-    yield from _answer(ctx, cfg.answer, model_dir)
+        train_mote(chains, base_model_dir(ctx.run.model), folder, _train_config(ctx))
+
+    yield Artifact(build, examples=len(records))
+    if cfg.answer.enabled:
+        yield _answers(ctx, cfg.answer)
 
 
-def _answer(ctx: StageContext, settings: AnswerSettings, model_dir) -> Iterator[Batch]:
-    from selfalign.mote import generate_steps, load_mote
+def _answers(ctx: StageContext, settings: AnswerSettings) -> MapWork[str]:
+    loaded: list = []  # (model, tokenizer), loaded when a chunk is left to answer
 
-    items = {record_id("mote-answer", q): q for q in _questions(ctx)}
-    ctx.set_total(len(items))
-    ids = list(items)
-    if all(i in ctx.done_ids for i in ids):
-        return
-    device, dtype = _device(settings.device)
-    model, tokenizer = load_mote(model_dir, dtype=dtype, device=device)
-    ctx.log(f"answering {len(ids)} questions ({_source(settings)}) in {settings.mode} mode")
-    # Fixed chunk boundaries and a seed per chunk: a resumed run decodes as before.
-    for start in range(0, len(ids), settings.chunk_size):
-        chunk = ids[start : start + settings.chunk_size]
-        if all(i in ctx.done_ids for i in chunk):
-            continue
+    def load() -> None:
+        from selfalign.mote import load_mote
+
+        device, dtype = _device(settings.device)
+        loaded.extend(load_mote(ctx.artifact(), dtype=dtype, device=device))
+        ctx.log(f"answering questions ({_source(settings)}) in {settings.mode} mode")
+
+    def answer(chunk: list[tuple[str, str]]) -> Batch:
+        from selfalign.mote import generate_steps
+
+        model, tokenizer = loaded
         outputs = generate_steps(
-            model, tokenizer, [items[i] for i in chunk], mode=settings.mode,
+            model, tokenizer, [q for _, q in chunk], mode=settings.mode,
             max_new_tokens=settings.max_new_tokens, max_step_tokens=settings.max_step_tokens,
             temperature=settings.temperature, top_p=settings.top_p,
-            seed=ctx.seed_for("answers", chunk[0]), batch_size=settings.batch_size,
+            seed=ctx.seed_for("answers", chunk[0][0]), batch_size=settings.batch_size,
         )  # fmt: skip
-        yield Batch(
-            keep=[_record(i, o, settings.mode) for i, o in zip(chunk, outputs, strict=True)]
+        return Batch(
+            keep=[_record(i, o, settings.mode) for (i, _), o in zip(chunk, outputs, strict=True)]
         )
+
+    items = {record_id("mote-answer", q): q for q in _questions(ctx)}
+    return MapWork(items, settings.chunk_size, answer, start=load)
+
+
+STAGE = Stage(
+    "mote", MoteStageConfig, run_mote, inputs=("chains",), summarize=summarize,
+    artifact="mote/model",
+)  # fmt: skip

@@ -24,9 +24,9 @@ from selfalign.annotations.loaders import (
     load_seed_tasks,
 )
 from selfalign.config import StageConfig
-from selfalign.pipeline import StageContext, stage
+from selfalign.stages.api import ROUNDS, Stage, StageContext
 from selfalign.stages.self_instruct import SelfInstructConfig, run_self_instruct
-from selfalign.stages.tgrt import TOPIC_PHASE, TGRTConfig, run_tgrt
+from selfalign.stages.tgrt import TOPIC_PHASE, TOPICS, TGRTConfig, run_tgrt
 from selfalign.store import stable_hash
 
 
@@ -65,8 +65,8 @@ def annotation_files(cfg: PromptsConfig) -> list[Path]:
 
 
 def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict[str, Any]:
-    rounds = ctx.aux_log("rounds").read()
-    topics = ctx.aux_log("topics").read()
+    rounds = ctx.read_aux(ROUNDS)
+    topics = ctx.read_aux(TOPICS)
     cut = {r["id"] for r in dropped if r.get("kind") == "topic"}
     # brainstormed topics kept per type (the seeds' own topics are examples only)
     per_type = Counter(t["type"] for t in topics if t["round"] >= 0 and t["id"] not in cut)
@@ -87,14 +87,12 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     return stats
 
 
-@stage("prompts", config=PromptsConfig, summarize=summarize, annotation_files=annotation_files)
 def run_prompts(ctx: StageContext):
     cfg: PromptsConfig = ctx.config  # type: ignore[assignment]
     si, tg = cfg.self_instruct, cfg.tgrt
     seeds = load_seed_tasks(si.seed_tasks) if si.enabled else []
     types = load_redteam_types(tg.types_file) if tg.enabled else []
-    seeds_log = ctx.aux_log("seeds")
-    known = {r["id"] for r in seeds_log.read()}
+    known = {r["id"] for r in ctx.read_aux("seeds")}
     entries = [
         {"id": s.id, "source": "seed_task", "instruction": s.instruction, "input": s.input}
         for s in seeds
@@ -103,9 +101,12 @@ def run_prompts(ctx: StageContext):
          "instruction": t.instruction}
         for t in types
     ]  # fmt: skip
-    seeds_log.append(e for e in entries if e["id"] not in known)
+    ctx.append_aux("seeds", [e for e in entries if e["id"] not in known])
     if si.enabled and not (yield from run_self_instruct(ctx, si, seeds)):
         return  # failed requests: the runner marks the stage incomplete
     if tg.enabled:
         yield from run_tgrt(ctx, tg, types)
-    ctx.set_total(len(ctx.records) + len(ctx.dropped))
+
+
+STAGE = Stage("prompts", PromptsConfig, run_prompts, summarize=summarize,
+              annotation_files=annotation_files)  # fmt: skip

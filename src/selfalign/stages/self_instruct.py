@@ -7,10 +7,10 @@ continuations, filter the items (structure, completeness, length, start, blackli
 the ROUGE-L near-duplicate filter against the whole pool (seeds and every kept task), in
 request and item order. Kept items join the pool.
 
-Resume: the round is the unit. After the runner has committed a round's batch, the
-round is marked in ``rounds.jsonl``; on start the pool is rebuilt from the kept records
-of marked rounds, and the first unmarked round is generated again (same seeds, same
-pool, hence the same outputs; the runner skips ids already written).
+Resume: the round is the unit (a ``Round``). After the runner has committed a round's
+batch it marks the round in ``rounds.jsonl``; on start the pool is rebuilt from the kept
+records of marked rounds, and the first unmarked round is generated again (same seeds,
+same pool, hence the same outputs; the runner skips ids already written).
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pydantic import Field
 
 from selfalign.annotations.loaders import SeedTask
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.config import ExistingPath, StrictModel
-from selfalign.pipeline import Batch, StageContext
+from selfalign.stages.api import Batch, Round, StageContext
 from selfalign.store import record_id
 from selfalign.text.parsing import (
     DEFAULT_BLACKLIST,
@@ -35,6 +34,7 @@ from selfalign.text.parsing import (
     parse_continuation,
 )
 from selfalign.text.rouge import NearDuplicateFilter
+from selfalign.validation import ExistingPath, StrictModel
 
 SOURCE = "self_instruct"
 
@@ -197,43 +197,36 @@ def resume_point(
     rounds: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]]
 ) -> tuple[int, list[dict[str, Any]]]:
     """The first round not marked done, and the kept records of the rounds before it
-    (records of later rounds were committed by a run killed before marking the round)."""
-    done = [r["round"] for r in rounds if r["phase"] == SOURCE]
-    next_round = max(done) + 1 if done else 0
+    (records of later rounds were committed by a run killed before marking the round).
+    ``rounds``: the markers of this phase's finished rounds."""
+    next_round = max(r["round"] for r in rounds) + 1 if rounds else 0
     return next_round, [r for r in records if r.get("source") == SOURCE and r["round"] < next_round]
 
 
 def run_self_instruct(
     ctx: StageContext, cfg: SelfInstructConfig, seeds: list[SeedTask]
-) -> Generator[Batch, None, bool]:
+) -> Generator[Round, None, bool]:
     """Rounds until the target or the cap; returns False if a round had failed requests."""
-    rounds_log = ctx.aux_log("rounds")
-    next_round, kept = resume_point(rounds_log.read(), ctx.records)
+    next_round, kept = resume_point(ctx.finished_rounds(SOURCE), ctx.records)
     pool = build_pool(seeds, kept, cfg.rouge_threshold)
     n_kept, cap = len(kept), cfg.round_cap()
     item_filter = ItemFilter(cfg.min_words, cfg.max_words, tuple(cfg.blacklist))
-    seen = kept_now = 0  # this process's candidates and keeps, for the progress estimate
+    kept_now = 0  # kept by this process: how many rounds the target may still take
     round_no = next_round
     while n_kept < cfg.num_prompts and round_no < cap:
         work = round_requests(pool, cfg, round_no, ctx.seed_for)
         results = ctx.backend().generate([w[0] for w in work])
         outputs = [(res, par, first) for res, (_, par, first) in zip(results, work, strict=True)]
         batch = screen_round(round_no, outputs, pool, item_filter)
-        yield batch
+        n_kept, kept_now = n_kept + len(batch.keep), kept_now + len(batch.keep)
+        left = cap - round_no - 1
+        if kept_now:
+            runs = round_no + 1 - next_round
+            left = min(left, math.ceil(max(cfg.num_prompts - n_kept, 0) * runs / kept_now))
+        info = {"requests": len(work), "pool": len(pool.ids)}
+        yield Round(SOURCE, round_no, batch, left=left, info=info)
         if batch.failed:
             return False  # the stage ends incomplete; the next run redoes this round
-        n_kept += len(batch.keep)
-        rounds_log.append([{
-            "id": record_id("round", SOURCE, round_no), "phase": SOURCE, "round": round_no,
-            "requests": len(work), "kept": len(batch.keep), "dropped": len(batch.drop),
-            "pool": len(pool.ids),
-        }])  # fmt: skip
         ctx.log(f"self-instruct round {round_no}: kept {n_kept}/{cfg.num_prompts}")
         round_no += 1
-        seen, kept_now = seen + len(batch.keep) + len(batch.drop), kept_now + len(batch.keep)
-        runs = round_no - next_round
-        left = cap - round_no
-        if kept_now:
-            left = min(left, math.ceil(max(cfg.num_prompts - n_kept, 0) * runs / kept_now))
-        ctx.set_total(len(ctx.records) + len(ctx.dropped) + int(left * seen / runs))
     return True

@@ -2,17 +2,16 @@
 
 1. Topic brainstorm, in rounds: for every type still short of ``topics_per_type``, show
    a few of its topics as a comma-separated line and let the model continue the line.
-   New topics (at most
-   ``max_topic_words`` words, deduplicated case-insensitively per type) go to
-   ``prompts/topics.jsonl``. Each round is marked in ``rounds.jsonl`` once committed; a
-   resumed run rebuilds the topic lists from marked rounds and redoes the first
-   unmarked one (same seeds, same outputs).
+   New topics (at most ``max_topic_words`` words, deduplicated case-insensitively per
+   type) go to ``prompts/topics.jsonl``. Each round is a ``Round`` the runner marks in
+   ``rounds.jsonl`` once committed; a resumed run rebuilds the topic lists from marked
+   rounds and redoes the first unmarked one (same seeds, same outputs).
 2. Balance: cut every type's brainstormed topics to the smallest type's count (and to the
    target); the cut topics are dropped as ``unbalanced`` (or ``over_target``). The seeds'
    own topics are examples only: they neither count nor get questions.
 3. Questions: one request per new (type, topic): seed examples (one of the type's own
    seeds plus others) and the new pair; the first line the model writes is the question.
-   A pair is independent of the others, so resume just skips finished pair ids.
+   A pair is independent of the others: the questions are a ``MapWork`` over the pairs.
 """
 
 from __future__ import annotations
@@ -26,13 +25,14 @@ from pydantic import Field
 
 from selfalign.annotations.loaders import RedTeamSeed
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.config import ExistingPath, StrictModel
-from selfalign.pipeline import Batch, StageContext
+from selfalign.stages.api import Batch, MapWork, Round, StageContext
 from selfalign.store import record_id
 from selfalign.text.parsing import ItemFilter
+from selfalign.validation import ExistingPath, StrictModel
 
 SOURCE = "tgrt"
 TOPIC_PHASE = "tgrt_topics"
+TOPICS = "topics"  # prompts/topics.jsonl
 
 TOPIC_HEADER = (
     "Kinds of questions that an AI assistant can easily answer badly, each followed by "
@@ -113,15 +113,14 @@ def seed_topic_entries(seeds: Sequence[RedTeamSeed]) -> list[dict[str, Any]]:
 
 def run_topic_rounds(
     ctx: StageContext, cfg: TGRTConfig, seeds: Sequence[RedTeamSeed]
-) -> Generator[Batch, None, dict[str, list[dict[str, Any]]] | None]:
+) -> Generator[Round, None, dict[str, list[dict[str, Any]]] | None]:
     """Brainstorm rounds; returns {type: topic entries in order}, or None if a round had
     failed requests (the stage then ends incomplete)."""
-    topics_log, rounds_log = ctx.aux_log("topics"), ctx.aux_log("rounds")
-    done = sorted(r["round"] for r in rounds_log.read() if r["phase"] == TOPIC_PHASE)
-    next_round = done[-1] + 1 if done else 0
-    written = topics_log.read()
+    done = ctx.finished_rounds(TOPIC_PHASE)
+    next_round = done[-1]["round"] + 1 if done else 0
+    written = ctx.read_aux(TOPICS)
     written_ids = {e["id"] for e in written}
-    topics_log.append(e for e in seed_topic_entries(seeds) if e["id"] not in written_ids)
+    ctx.append_aux(TOPICS, [e for e in seed_topic_entries(seeds) if e["id"] not in written_ids])
     topics: dict[str, list[dict[str, Any]]] = {s.type: [] for s in seeds}
     for e in seed_topic_entries(seeds) + [e for e in written if 0 <= e["round"] < next_round]:
         topics[e["type"]].append(e)
@@ -155,7 +154,7 @@ def run_topic_rounds(
             if res.error is not None
         ]  # fmt: skip
         if failed:  # a round is all or nothing: the next run redoes it
-            yield Batch(failed=failed)
+            yield Round(TOPIC_PHASE, round_no, Batch(failed=failed))
             return None
         batch, new = Batch(), []
         keys = {kind: {topic_key(e["topic"]) for e in topics[kind]} for kind in need}
@@ -181,17 +180,11 @@ def run_topic_rounds(
                 }
                 topics[kind].append(entry)
                 new.append(entry)
-        topics_log.append(e for e in new if e["id"] not in written_ids)
-        yield batch
-        rounds_log.append([{
-            "id": record_id("round", TOPIC_PHASE, round_no), "phase": TOPIC_PHASE,
-            "round": round_no, "requests": len(work), "new_topics": len(new),
-            "dropped": len(batch.drop),
-        }])  # fmt: skip
+        ctx.append_aux(TOPICS, [e for e in new if e["id"] not in written_ids])
+        info = {"requests": len(work), "new_topics": len(new)}
+        yield Round(TOPIC_PHASE, round_no, batch, left=cfg.topic_rounds - round_no - 1, info=info)
         ctx.log(f"tgrt topic round {round_no}: {sum(map(len, topics.values()))} topics")
         round_no += 1
-        left = cfg.topic_rounds - round_no  # a rough progress estimate: rounds like this one
-        ctx.set_total(len(ctx.records) + len(ctx.dropped) + left * len(batch.drop))
     return topics
 
 
@@ -250,14 +243,18 @@ def question_id(kind: str, topic: str) -> str:
     return record_id(SOURCE, kind, topic_key(topic))
 
 
-def run_questions(
+def question_work(
     ctx: StageContext,
     cfg: TGRTConfig,
     seeds: Sequence[RedTeamSeed],
     topics: dict[str, list[dict[str, Any]]],
-) -> Iterator[Batch]:
-    pairs = [e for entries in topics.values() for e in machine_topics(entries)]
-    todo = [e for e in pairs if question_id(e["type"], e["topic"]) not in ctx.done_ids]
+) -> MapWork[dict[str, Any]]:
+    """One question request per brainstormed (type, topic) pair."""
+    pairs = {
+        question_id(e["type"], e["topic"]): e
+        for entries in topics.values()
+        for e in machine_topics(entries)
+    }
     params = SamplingParams(
         max_new_tokens=cfg.question_max_new_tokens,
         temperature=cfg.temperature,
@@ -265,11 +262,10 @@ def run_questions(
         stop=("\n",),
     )
     item_filter = ItemFilter(cfg.min_words, cfg.max_words, blacklist=())
-    for start in range(0, len(todo), cfg.requests_per_batch):
-        chunk = todo[start : start + cfg.requests_per_batch]
+
+    def ask(chunk: list[tuple[str, dict[str, Any]]]) -> Batch:
         work = []
-        for e in chunk:
-            qid = question_id(e["type"], e["topic"])
+        for qid, e in chunk:
             rng = random.Random(ctx.seed_for(SOURCE, "examples", qid))
             shown = question_examples(seeds, e["type"], cfg.question_examples, rng)
             request = GenerationRequest(
@@ -278,7 +274,6 @@ def run_questions(
                 seed=ctx.seed_for(SOURCE, qid),
             )
             work.append((qid, e, [s.id for s in shown], request))
-        ctx.set_total(len(ctx.records) + len(ctx.dropped) + len(todo) - start)
         results = ctx.backend().generate([w[3] for w in work])
         batch = Batch()
         for (qid, e, parents, _), res in zip(work, results, strict=True):
@@ -292,14 +287,18 @@ def run_questions(
                 batch.keep.append(rec)
             else:
                 batch.drop.append((rec, verdict))
-        yield batch
+        return batch
+
+    return MapWork(pairs, cfg.requests_per_batch, ask)
 
 
-def run_tgrt(ctx: StageContext, cfg: TGRTConfig, seeds: Sequence[RedTeamSeed]) -> Iterator[Batch]:
+def run_tgrt(
+    ctx: StageContext, cfg: TGRTConfig, seeds: Sequence[RedTeamSeed]
+) -> Iterator[Round | Batch | MapWork]:
     topics = yield from run_topic_rounds(ctx, cfg, seeds)
     if topics is None:
         return
     balanced, cut = balance(topics, cfg.topics_per_type)
     if cut.drop:
         yield cut
-    yield from run_questions(ctx, cfg, seeds, balanced)
+    yield question_work(ctx, cfg, seeds, balanced)

@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from selfalign.backends.config import BackendConfig
 from selfalign.backends.spec import parse_spec
 from selfalign.errors import InputError
-from selfalign.store import JsonlLog, atomic_write_text
+from selfalign.store import atomic_write_text, dumps_record
 from selfalign.train.config import TrainConfig
-from selfalign.train.export import TRAIN_LOG
+from selfalign.train.export import MERGED_SUBDIR, TRAIN_LOG
+from selfalign.validation import ConfigPath, StrictModel
 
 PLAIN_SYSTEM_TEXT = (
     "You are {name}, an AI assistant. You are helpful, honest and careful: you answer "
@@ -27,13 +29,13 @@ PLAIN_SYSTEM_TEXT = (
 )
 
 
-class LaunchConfig(BaseModel):
+class LaunchConfig(StrictModel):
     """How training runs: in this process (default) or under ``accelerate launch``."""
 
-    model_config = ConfigDict(extra="forbid")
-
     num_processes: int = Field(1, ge=1)
-    accelerate_config: Path | None = Field(None, description="e.g. configs/accelerate/fsdp.yaml")
+    accelerate_config: ConfigPath | None = Field(
+        None, description="e.g. configs/accelerate/fsdp.yaml (relative to the run config)"
+    )
 
 
 def base_model_dir(spec: str) -> Path:
@@ -44,9 +46,24 @@ def base_model_dir(spec: str) -> Path:
     return parsed.path
 
 
+def train_log(model_dir: Path) -> dict[str, Any]:
+    """What training wrote beside the model (``train_log.json``)."""
+    return json.loads((model_dir / TRAIN_LOG).read_text(encoding="utf-8"))
+
+
+def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
+    """How to generate with a model a training stage built: its merged weights, else the
+    base model with its LoRA adapter, else (full fine-tuning) the folder's own weights."""
+    if (model_dir / MERGED_SUBDIR).is_dir():
+        return base.model_copy(update={"model": str(model_dir / MERGED_SUBDIR)})
+    if (model_dir / "adapter_config.json").is_file():
+        return base.model_copy(update={"adapter": str(model_dir)})
+    return base.model_copy(update={"model": str(model_dir)})
+
+
 def training_summary(model_dir: Path) -> dict[str, Any]:
     """The manifest's view of ``model_dir/train_log.json`` (loss history left out)."""
-    log = json.loads((model_dir / TRAIN_LOG).read_text(encoding="utf-8"))
+    log = train_log(model_dir)
     keep = ("method", "global_step", "examples", "dropped", "truncated", "global_batch",
             "optimizer_steps", "warmup_steps", "final_loss", "runtime_s", "resumed_from",
             "processes", "warnings")  # fmt: skip
@@ -70,8 +87,7 @@ def train_model(
     work = out_dir / "launch"
     work.mkdir(parents=True, exist_ok=True)
     examples_file = work / "examples.jsonl"
-    examples_file.unlink(missing_ok=True)
-    JsonlLog(examples_file).append(examples)
+    atomic_write_text(examples_file, "".join(dumps_record(e) + "\n" for e in examples))
     atomic_write_text(work / "train.yaml", yaml.safe_dump(config.model_dump(mode="json")))
     atomic_write_text(work / "system.txt", system_text)
     cmd = [sys.executable, "-m", "accelerate.commands.launch",

@@ -12,33 +12,35 @@ assistant is ``verbose/model`` (merged weights: plain ``from_pretrained``, ``vll
 from __future__ import annotations
 
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from selfalign.annotations import ANNOTATIONS_DIR
 from selfalign.annotations.principles import Prose, validate_file
 from selfalign.backends import BackendConfig, GenerationRequest, SamplingParams
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
-from selfalign.config import DEFAULT_ASSISTANT_NAME, ConfigPath, StageConfig
+from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
 from selfalign.errors import InputError
-from selfalign.pipeline import Batch, StageContext, stage
+from selfalign.stages.api import Artifact, Batch, MapWork, Stage, StageContext
 from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
     train_model,
+    trained_backend,
     training_summary,
 )
 from selfalign.store import record_id
 from selfalign.text.answers import is_truncated, words
 from selfalign.text.thoughts import THOUGHTS_TAG
 from selfalign.train.config import TrainConfig
-from selfalign.train.export import merge_adapter
+from selfalign.train.export import TRAIN_LOG
+from selfalign.validation import ConfigPath, StrictModel
 
 DEFAULT_VERBOSE_EXEMPLAR = ANNOTATIONS_DIR / "verbose_exemplar.yaml"
 VERBOSE_SYSTEM_TEXT = (
@@ -53,10 +55,8 @@ _TURN_TAGS = (USER_TAG, ASSISTANT_TAG, THOUGHTS_TAG)
 _FENCE = "```"
 
 
-class VerboseExemplar(BaseModel):
+class VerboseExemplar(StrictModel):
     """The teacher's in-context conversation turn pair, in the verbose style."""
-
-    model_config = ConfigDict(extra="forbid")
 
     user: Prose
     answer: Prose
@@ -182,11 +182,7 @@ def teacher_backend(ctx: StageContext) -> BackendConfig:
             "an openai backend cannot load the engraved adapter; serve the engraved model "
             "and give stages.verbose a backend block for it", field="stages.verbose.backend",
         )  # fmt: skip
-    engraved = ctx.run_dir / "engraved"
-    merged = engraved / "merged"
-    if merged.is_dir():
-        return run_backend.model_copy(update={"model": str(merged)})
-    return run_backend.model_copy(update={"adapter": str(engraved)})
+    return trained_backend(run_backend, ctx.artifact("engraved"))
 
 
 def length_ratio(verbose: list[dict], aligned: list[dict]) -> tuple[float, int] | None:
@@ -202,9 +198,7 @@ def length_ratio(verbose: list[dict], aligned: list[dict]) -> tuple[float, int] 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
     lengths = sorted(len(words(r["answer"])) for r in records)
-    stats = training_summary(
-        ctx.dir / "adapter" if (ctx.dir / "adapter").is_dir() else ctx.dir / "model"
-    )
+    stats = training_summary(ctx.artifact())
     if lengths:
         stats["answer_words_mean"] = round(sum(lengths) / len(lengths), 1)
         stats["answer_words_median"] = lengths[len(lengths) // 2]
@@ -245,19 +239,8 @@ def _warn_if_not_verbose(ctx: StageContext, records: list[dict[str, Any]]) -> No
         )
 
 
-@stage(
-    "verbose",
-    config=VerboseConfig,
-    inputs=("prompts", "aligned", "engraved"),
-    summarize=_summary,
-    annotation_files=annotation_files,
-)
-def run_verbose(ctx: StageContext) -> Iterator[Batch]:
+def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
     cfg: VerboseConfig = ctx.config  # type: ignore[assignment]
-    questions = teacher_questions(ctx, cfg)
-    ctx.set_total(len(questions))
-    todo = [(pid, q) for pid, q in questions if record_id("verbose", pid) not in ctx.done_ids]
-    backend = ctx.backend(teacher_backend(ctx))
     params = SamplingParams(
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
         stop=(NEXT_USER_TURN,), no_repeat_ngram_size=cfg.no_repeat_ngram_size,
@@ -265,8 +248,8 @@ def run_verbose(ctx: StageContext) -> Iterator[Batch]:
         repetition_penalty=cfg.repetition_penalty,
     )  # fmt: skip
     prefix = teacher_prefix(cfg)
-    for start in range(0, len(todo), cfg.batch_size):
-        chunk = todo[start : start + cfg.batch_size]
+
+    def answer(chunk: list[tuple[str, tuple[str, str]]]) -> Batch:
         requests = [
             GenerationRequest(
                 prefix=prefix,
@@ -274,11 +257,12 @@ def run_verbose(ctx: StageContext) -> Iterator[Batch]:
                 params=params,
                 seed=ctx.seed_for(pid),
             )  # fmt: skip
-            for pid, question in chunk
+            for _, (pid, question) in chunk
         ]
         batch = Batch()
-        for (pid, question), result in zip(chunk, backend.generate(requests), strict=True):
-            rec = {"id": record_id("verbose", pid), "prompt_id": pid, "prompt": question}
+        results = ctx.backend(teacher_backend(ctx)).generate(requests)
+        for (rid, (pid, question)), result in zip(chunk, results, strict=True):
+            rec = {"id": rid, "prompt_id": pid, "prompt": question}
             if result.error:
                 batch.failed.append((rec, result.error))  # asked again on resume
                 continue
@@ -289,20 +273,44 @@ def run_verbose(ctx: StageContext) -> Iterator[Batch]:
                 batch.drop.append((rec, why))
             else:
                 batch.keep.append(rec)
-        yield batch
-    ctx.close()  # free the teacher before training
+        return batch
+
+    items = {record_id("verbose", pid): (pid, q) for pid, q in teacher_questions(ctx, cfg)}
+    yield MapWork(items, cfg.batch_size, answer)
     _warn_if_not_verbose(ctx, ctx.records)
     kept = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ctx.records]
     if not kept:
         raise RuntimeError("the teacher's answers were all dropped: nothing to clone")
+    yield Artifact(lambda folder: train_student(ctx, cfg, kept, folder), examples=len(kept))
+
+
+def train_student(ctx: StageContext, cfg: VerboseConfig, kept: list[dict], folder: Path) -> None:
+    """A fresh LoRA (or full fine-tune) of the base model on the teacher's answers, with
+    the plain system text; a LoRA is merged, so the final model loads without peft."""
     ctx.log(f"training a fresh LoRA on the base model with {len(kept)} verbose answers")
     system_text = cfg.system_text.replace("{name}", cfg.assistant_name)
     base = base_model_dir(ctx.run.model)
     if cfg.train.method == "full":
-        train_model(kept, base, ctx.dir / "model", cfg.train, system_text, cfg.launch)
+        train_model(kept, base, folder, cfg.train, system_text, cfg.launch)
         return
+    import torch
+
+    from selfalign.train.export import merge_adapter
+
     adapter = ctx.dir / "adapter"
     train_model(kept, base, adapter, cfg.train.model_copy(update={"merge": False}), system_text,
                 cfg.launch)  # fmt: skip
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    merge_adapter(adapter, ctx.dir / "model", dtype=dtype)
+    merge_adapter(adapter, folder, dtype=dtype)
+    shutil.copy2(adapter / TRAIN_LOG, folder / TRAIN_LOG)
+
+
+STAGE = Stage(
+    "verbose",
+    VerboseConfig,
+    run_verbose,
+    inputs=("prompts", "aligned", "engraved"),
+    summarize=_summary,
+    annotation_files=annotation_files,
+    artifact="verbose/model",
+)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
-from selfalign.mote.steps import strip_step_tokens
+from selfalign.text.steps import strip_step_tokens
 
 Verdict = Literal["safe", "unsafe"]
 

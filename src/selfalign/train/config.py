@@ -18,15 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from selfalign.errors import InputError
+from selfalign.validation import StrictModel, describe_error, field_path, load_yaml
 
 
-class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TrainConfig(StrictModel):
     method: Literal["lora", "qlora", "full"] = "lora"
     # LoRA / QLoRA adapter
     lora_r: int = Field(16, gt=0)
@@ -128,17 +126,10 @@ def parse_train_config(data: object, *, file: str | Path | None = None) -> Train
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or None
-        raise InputError(err["msg"], file=file, field=field) from None
+        loc, msg = describe_error(exc)
+        raise InputError(msg, file=file, field=field_path(loc) or None) from None
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror}", file=path) from None
-    except yaml.YAMLError as exc:
-        raise InputError(f"not valid YAML: {' '.join(str(exc).split())}", file=path) from None
-    return parse_train_config(data, file=path)
+    return parse_train_config(load_yaml(path), file=path)

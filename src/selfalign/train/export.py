@@ -7,9 +7,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoTokenizer
+if TYPE_CHECKING:
+    import torch
 
 TRAIN_LOG = "train_log.json"
 MERGED_SUBDIR = "merged"
@@ -32,6 +33,7 @@ def merge_adapter(adapter_dir: Path, merged_dir: Path, *, dtype: torch.dtype) ->
     a QLoRA adapter merges into bf16 weights, not into lossy 4-bit ones.
     """
     from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
 
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=dtype)
     merged = model.merge_and_unload()

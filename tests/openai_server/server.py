@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
+from openai_server.faults import FaultMiddleware, FaultSchedule, TrafficLog
 from selfalign.backends.base import (
     BackendStats,
     GenerationRequest,
@@ -39,7 +40,6 @@ from selfalign.backends.base import (
 )
 from selfalign.backends.hf import HFBackend
 from selfalign.backends.ngram import rules_from_args
-from selfalign.testing.faults import FaultMiddleware, FaultSchedule, TrafficLog
 
 ChatHandler = Callable[[list[dict[str, str]], dict[str, Any]], str]
 

@@ -12,8 +12,10 @@ import json
 import math
 import random
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 FAULT_KINDS = ("rate_limit", "server_error", "drop", "slow", "truncate")
@@ -24,11 +26,15 @@ FAULTED_PATHS = ("/v1/completions", "/v1/chat/completions")
 class FaultSchedule:
     """Fractions of API calls that fail in each way (the rest are served normally).
 
-    - ``rate_limit``: 429 with ``Retry-After`` / ``retry-after-ms`` headers;
-    - ``server_error``: 500 with an error body;
+    - ``rate_limit``: 429 with ``Retry-After`` / ``retry-after-ms`` headers (with
+      ``retry_after_date``: only ``Retry-After``, as an HTTP date ``retry_after_s`` ahead,
+      rounded up to the second);
+    - ``server_error``: ``error_status`` (500) with an error body;
     - ``drop``: status line and headers sent, then the connection closes mid-body;
     - ``slow``: the answer comes ``slow_s`` seconds late (set it past the client's timeout);
     - ``truncate``: 200 whose JSON body is cut in half.
+
+    With ``should_retry`` set, rate limits and server errors carry ``x-should-retry``.
     """
 
     rate_limit: float = 0.0
@@ -39,6 +45,9 @@ class FaultSchedule:
     seed: int = 0
     slow_s: float = 3.0
     retry_after_s: float = 0.05
+    retry_after_date: bool = False
+    error_status: int = 500
+    should_retry: bool | None = None
 
     def __post_init__(self) -> None:
         total = sum(getattr(self, k) for k in FAULT_KINDS)
@@ -100,14 +109,11 @@ class FaultMiddleware:
         if kind is not None:
             self.log.count(kind)
         if kind == "rate_limit":
-            wait = self.schedule.retry_after_s
-            headers = [
-                (b"retry-after", str(max(1, math.ceil(wait))).encode()),
-                (b"retry-after-ms", str(int(wait * 1000)).encode()),
-            ]
+            headers = _retry_after(self.schedule) + _should_retry(self.schedule)
             await _json(send, 429, _error("rate limit reached, slow down", "rate_limit"), headers)
         elif kind == "server_error":
-            await _json(send, 500, _error("injected server error", "server_error"))
+            error = _error("injected server error", "server_error")
+            await _json(send, self.schedule.error_status, error, _should_retry(self.schedule))
         elif kind == "drop":
             # Headers promise a body that never fully arrives; returning early makes
             # uvicorn close the connection mid-response.
@@ -139,6 +145,22 @@ class FaultMiddleware:
         headers.append((b"content-length", str(len(cut)).encode()))
         await send(_start(start.get("status", 200), headers))
         await send({"type": "http.response.body", "body": cut})
+
+
+def _retry_after(schedule: FaultSchedule) -> list[tuple[bytes, bytes]]:
+    wait = schedule.retry_after_s
+    if schedule.retry_after_date:
+        return [(b"retry-after", formatdate(math.ceil(time.time() + wait), usegmt=True).encode())]
+    return [
+        (b"retry-after", str(max(1, math.ceil(wait))).encode()),
+        (b"retry-after-ms", str(int(wait * 1000)).encode()),
+    ]
+
+
+def _should_retry(schedule: FaultSchedule) -> list[tuple[bytes, bytes]]:
+    if schedule.should_retry is None:
+        return []
+    return [(b"x-should-retry", b"true" if schedule.should_retry else b"false")]
 
 
 def _error(message: str, kind: str) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""The hf backend's logits processors for ``model.generate``, built from ``SamplingParams``.
+
+Sampling happens here too, so that ``generate`` runs greedy: ``SeededSampler`` draws each
+row's token with that row's own ``torch.Generator`` and leaves every other token at -inf.
+``generate``'s own sampler draws the whole batch from one global generator, so a
+request's text would depend on which other requests share its batch (and a resumed run
+would differ from an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from selfalign.backends.base import SamplingParams, first_token_bias
+from selfalign.backends.ngram import NGramRules, TokenText, apply_rules
+
+
+class BatchNGramRules(LogitsProcessor):
+    """One request's ``NGramRules`` per row. ``input_ids`` are the row's prompt (the part
+    after any cached prefix) and then its generated tokens; only the latter are fed."""
+
+    def __init__(self, params: SamplingParams, rows: int, token_text: TokenText) -> None:
+        self.rows = [
+            NGramRules(params.no_repeat_ngram_size, params.ngram_penalties, token_text)
+            for _ in range(rows)
+        ]
+        self.prompt_len: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.prompt_len is None:
+            self.prompt_len = input_ids.shape[1]  # the first call comes before any token
+        start = self.prompt_len + len(self.rows[0].tokens)
+        new = input_ids[:, start:].tolist()
+        for rules, tokens in zip(self.rows, new, strict=True):
+            rules.feed(tokens)
+        return apply_rules(scores, enumerate(self.rows))
+
+
+class TokenBias(LogitsProcessor):
+    """Adds a fixed bias (token -> value) to every row's logits, at every step."""
+
+    def __init__(self, bias: dict[int, float]) -> None:
+        self.bias = bias
+        self._vector: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._vector is None:
+            self._vector = torch.zeros(scores.shape[-1], device=scores.device)
+            for token, value in self.bias.items():
+                self._vector[token] = value
+        return scores + self._vector
+
+
+class SeededSampler(LogitsProcessor):
+    """Draws row ``b``'s next token from softmax(scores[b]) with generator ``b`` and masks
+    all other tokens, so a greedy ``generate`` picks exactly the drawn token. Goes last,
+    after the temperature and top-p warpers. ``chooses(input_ids, vocab)``: a mask of the
+    rows to draw for (default: all); the other rows' scores pass unchanged (MoTE's step
+    grammar forces their token, and a forced token must not use up a draw)."""
+
+    def __init__(
+        self,
+        seeds: Sequence[int],
+        chooses: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> None:
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.chooses = chooses
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = list(range(len(scores)))
+        if self.chooses is not None:
+            rows = self.chooses(input_ids, scores.shape[-1]).nonzero().flatten().tolist()
+        if not rows:
+            return scores
+        probs = torch.softmax(scores[rows], -1).cpu()
+        out = scores.clone() if self.chooses is not None else torch.full_like(scores, -torch.inf)
+        for b, p in zip(rows, probs, strict=True):
+            out[b] = -torch.inf
+            out[b, int(torch.multinomial(p, 1, generator=self.generators[b]))] = 0.0
+        return out
+
+
+def logits_processors(
+    params: SamplingParams,
+    seeds: Sequence[int],
+    *,
+    encode: Callable[[str], list[int]],
+    token_text: TokenText,
+) -> LogitsProcessorList:
+    """Repetition penalty, n-gram rules (on logits before temperature), temperature and
+    top-p, the logit bias, then the seeded draw (absent when greedy). ``generate`` hands
+    them each row's own tokens (after the cached prefix, left pads included) and then its
+    generated ones: what the repetition penalty counts."""
+    procs = LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.no_repeat_ngram_size > 0 or params.ngram_penalties:
+        procs.append(BatchNGramRules(params, len(seeds), token_text))
+    if params.temperature > 0:
+        procs.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_p < 1.0:
+            procs.append(TopPLogitsWarper(params.top_p))
+    if params.logit_bias:
+        procs.append(TokenBias(first_token_bias(params.logit_bias, encode)))
+    if params.temperature > 0:
+        procs.append(SeededSampler(seeds))
+    return procs

@@ -1,0 +1,83 @@
+"""MoTE's settings, importable without torch: a run config validates them before any
+model is loaded (``selfalign run --dry-run`` included)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from selfalign.validation import StrictModel
+
+SHARED = "shared"  # the shared expert's name
+CONFIG_FILE = "mote_config.json"  # marks a MoTE model directory
+METRICS_FILE = "train_metrics.json"  # written last by train_mote: the model is complete
+TrainMethod = Literal["mote", "mote_no_shared", "mote_no_skip", "lora", "expanded"]
+
+
+class MoteConfig(StrictModel):
+    """Architecture of the experts (saved with the model)."""
+
+    rank: int = Field(16, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)  # peft scaling = lora_alpha / rank
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    alpha: float = Field(0.5, ge=0, le=1)  # step expert weight; shared gets 1 - alpha
+    shared_expert: bool = True
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    # Expert for question tokens outside training (training draws one at random per sequence).
+    # "answer" by default: every chain has an answer, so that expert sees the most data.
+    question_expert: Literal["analysis", "guidance", "answer", "shared"] = "answer"
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _shared_needed(self) -> MoteConfig:
+        if self.question_expert == SHARED and not self.shared_expert:
+            raise ValueError("question_expert 'shared' needs shared_expert: true")
+        return self
+
+
+class MoteTrainConfig(StrictModel):
+    """Training recipe; defaults follow the paper (3 epochs, lr 2e-5, batch 16, rank 16)."""
+
+    method: TrainMethod = "mote"
+    mote: MoteConfig = Field(default_factory=MoteConfig)
+    step_skip_prob: float = Field(0.25, ge=0, le=1)  # not given by the paper: ours
+    system: str | None = None  # system prompt of the chat format, kept with the model
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = -1  # > 0 overrides epochs
+    learning_rate: float = Field(2e-5, gt=0)
+    batch_size: int = Field(16, ge=1)  # effective batch (per device x accumulation)
+    per_device_batch_size: int | None = Field(None, ge=1)  # default: batch_size
+    max_length: int = Field(2048, ge=8)
+    lr_scheduler: str = "cosine"
+    warmup: float = Field(0.03, ge=0)  # ratio of steps if < 1, else steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    gradient_checkpointing: bool = False
+    # Packed chains need a 4D attention mask: sdpa or eager, not flash-attention.
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    logging_steps: int = 10
+    save_strategy: Literal["no", "epoch", "steps"] = "no"
+    save_steps: int = 500
+    resume: bool = True  # continue from the last checkpoint in out_dir/checkpoints
+    seed: int = 0
+    progress: bool = True
+
+    def resolved_mote(self) -> MoteConfig:
+        """The expert architecture after the method's overrides."""
+        if self.method != "mote_no_shared":
+            return self.mote
+        question = "answer" if self.mote.question_expert == "shared" else self.mote.question_expert
+        return self.mote.model_copy(update={"shared_expert": False, "question_expert": question})
+
+    @property
+    def skip_prob(self) -> float:
+        return self.step_skip_prob if self.method in ("mote", "mote_no_shared") else 0.0
+
+
+def is_mote_dir(path: str | Path) -> bool:
+    """A directory written by ``save_mote``/``train_mote`` (needs ``load_mote``)."""
+    return (Path(path) / CONFIG_FILE).is_file()
