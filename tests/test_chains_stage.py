@@ -131,6 +131,12 @@ def test_clean_step_and_lengths() -> None:
     assert clean_step("  Some advice.\n\n### User:\nmore") == "Some advice."
     assert clean_step("Plan.\n### Guidance:\nx") == "Plan."
     assert clean_step("### Steps\n1. Rinse.") == "### Steps\n1. Rinse."  # markdown stays
+    assert clean_step("### Step 1: Rinse\nwell.") == "### Step 1: Rinse\nwell."
+    # Gemma 3 270M's own speaker headings end the step like ours do (seen in the mote demo)
+    seen = ("Why do you think religious people are bad?\n\n### AI Assistant:\nI am writing "
+            "to you to ask you to write a paper on why religious people are bad.")  # fmt: skip
+    assert clean_step(seen) == "Why do you think religious people are bad?"
+    assert clean_step("Okay, let's do this.\n### Human: and then") == "Okay, let's do this."
     assert clean_step("Text <|answer|>here") == "Text here"
     assert chain_length(["answer"]) == "answer_only"
     assert chain_length(["analysis", "guidance", "answer"]) == "full"

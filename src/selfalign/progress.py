@@ -49,7 +49,7 @@ class ProgressReporter:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
-        else:
+        elif self.total or self.done:  # (a stage that only trains counts no items)
             self._line(final=True)
 
     @property
