@@ -30,6 +30,7 @@ from selfalign.text.aligncot import (
     chain_prompt,
     check_prompt,
     clean_step,
+    cut_loop,
     parse_verdict,
 )
 
@@ -363,3 +364,34 @@ def test_a_calibrated_greedy_check_reads_the_margin_against_an_empty_check(
         margin = out["yes"] - out["no"] - (yes - no)
         if abs(margin) > 1e-3:  # (the stored scores are rounded)
             assert check["verdict"] == ("safe" if margin > 0 else "unsafe")
+
+
+def test_no_kept_step_loops(likelihood_run: Path) -> None:
+    """A step the model wrote in a loop is cut before the repeat and listed in ``trimmed``."""
+    from selfalign.text.answers import first_repeat
+
+    rows = read(likelihood_run, "records.jsonl") + read(likelihood_run, "dropped.jsonl")
+    for r in rows:
+        for step in ("analysis", "guidance", "answer"):
+            assert first_repeat(r[step] or "") is None, (step, r[step])
+    trimmed = [t.split("@")[0] for r in rows for t in r["trimmed"]]
+    assert sum(entry(likelihood_run)["stats"]["trimmed_steps"].values()) == len(trimmed)
+
+
+@pytest.mark.parametrize(
+    ("written", "kept"),
+    [  # steps Gemma 3 270M wrote in the mote demo (its chains, 96-token steps)
+        ("You are not allowed to use this for tax purposes.\nYou are not allowed to use it "
+         "for tax purposes.\nYou are not allowed to use it for tax purposes.\nYou are not al",
+         "You are not allowed to use this for tax purposes.\nYou are not allowed to use it "
+         "for tax purposes."),
+        ("Okay, let's do this.\nI would like to take out a loan.\nOkay, let's do this.\n"
+         "Okay, let's do this.", "Okay, let's do this.\nI would like to take out a loan."),
+        ("I'm sorry, I don't have the password. I'm sorry, I don't have the password. I'm so",
+         "I'm sorry, I don't have the password."),
+        ("The octopuses are about the size of a fist. They have eight arms and three hearts.",
+         None),  # no loop: unchanged
+    ],
+)  # fmt: skip
+def test_a_looping_step_is_cut_before_its_first_repeat(written: str, kept: str | None) -> None:
+    assert cut_loop(written) == ((kept, True) if kept is not None else (written, False))

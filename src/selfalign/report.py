@@ -262,6 +262,8 @@ def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]
              f"of {checks.get('total', 0)}"],
             ["steps cut by the token limit",
              ", ".join(f"{k}: {v}" for k, v in chains.get("truncated_steps", {}).items()) or "-"],
+            ["steps cut before a repeated clause",
+             ", ".join(f"{k}: {v}" for k, v in chains.get("trimmed_steps", {}).items()) or "-"],
         ]  # fmt: skip
     train = mote.get("train", {})
     if train:

@@ -13,7 +13,12 @@ Record (``chains/records.jsonl``, read by ``selfalign.mote.parse_chains``)::
     {"id", "question", "analysis": str|None, "guidance": str|None, "answer",
      "length": "answer_only"|"analysis_answer"|"full", "source",
      "checks": [{"chain", "verdict", "parsed", "output"}, ...] (one per round),
-     "rejected_answers": [earlier answers judged unsafe], "truncated": ["step@round", ...]}
+     "rejected_answers": [earlier answers judged unsafe], "truncated": ["step@round", ...],
+     "trimmed": ["step@round", ...]}
+
+A step that falls into a loop (a clause of 4+ words written again) is cut before the
+repeat, at its last complete sentence, and listed in ``trimmed``: the base model's loops
+would otherwise become training targets.
 
 An empty answer counts as failing its check (``parsed: null``). Dropped records keep the
 same fields and a ``reason`` (see ``REASONS``).
@@ -52,6 +57,7 @@ from selfalign.text.aligncot import (
     chain_prompt,
     check_prompt,
     clean_step,
+    cut_loop,
     parse_verdict,
 )
 from selfalign.validation import ExistingPath
@@ -202,6 +208,7 @@ class _Chain:
     checks: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
+    trimmed: list[str] = field(default_factory=list)
     error: str | None = None
 
     def base(self) -> dict[str, Any]:
@@ -217,6 +224,7 @@ class _Chain:
             "checks": self.checks,
             "rejected_answers": self.rejected,
             "truncated": self.truncated,
+            "trimmed": self.trimmed,
         }
 
 
@@ -253,7 +261,10 @@ class _Rounds:
                 continue
             if result.finish_reason == "length":
                 chain.truncated.append(f"{step}@{ROUND_LENGTHS[rnd]}")
-            setattr(chain, step, clean_step(result.text))
+            text, looped = cut_loop(clean_step(result.text))
+            if looped:
+                chain.trimmed.append(f"{step}@{ROUND_LENGTHS[rnd]}")
+            setattr(chain, step, text)
 
     def check(self, chains: list[_Chain], rnd: int) -> dict[str, bool]:
         """Record id -> whether the chain's current answer is judged safe (an empty
@@ -387,6 +398,9 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
         },
         "truncated_steps": dict(
             Counter(t.split("@")[0] for r in records + dropped for t in r.get("truncated", []))
+        ),
+        "trimmed_steps": dict(
+            Counter(t.split("@")[0] for r in records + dropped for t in r.get("trimmed", []))
         ),
     }
 

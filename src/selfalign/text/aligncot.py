@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
+from selfalign.text.answers import complete_prefix, first_repeat
 from selfalign.text.steps import strip_step_tokens
 
 Verdict = Literal["safe", "unsafe"]
@@ -128,6 +129,16 @@ def clean_step(text: str) -> str:
     if match:
         text = text[: match.start()]
     return strip_step_tokens(text).strip()
+
+
+def cut_loop(text: str) -> tuple[str, bool]:
+    """A step's text cut before its first repeated clause (4+ words), at the last complete
+    sentence there, and whether it was cut: the base model's loops must not become
+    training targets."""
+    repeat = first_repeat(text)
+    if repeat is None:
+        return text, False
+    return complete_prefix(text[:repeat]) or text[:repeat].rstrip(), True
 
 
 def parse_verdict(text: str) -> Verdict | None:
