@@ -353,6 +353,10 @@ class _Drive:
 
     def round(self, work: Round) -> None:
         batch = work.batch
+        items = len(batch.keep) + len(batch.drop)
+        sizes = self._round_items.setdefault(work.phase, [])
+        sizes.append(items)  # estimate first, so the commit's progress line has a total
+        self.progress.set_total(self.progress.done + items + work.left * sum(sizes) // len(sizes))
         self.commit(batch)
         if batch.failed:  # a round is all or nothing: the next run redoes it
             return
@@ -360,9 +364,6 @@ class _Drive:
                   "round": work.number, **work.info, "kept": len(batch.keep),
                   "dropped": len(batch.drop)}  # fmt: skip
         self._writer(f"{ROUNDS}.jsonl").append([marker])
-        sizes = self._round_items.setdefault(work.phase, [])
-        sizes.append(len(batch.keep) + len(batch.drop))
-        self.progress.set_total(self.progress.done + work.left * sum(sizes) // len(sizes))
 
     def build(self, work: Artifact) -> None:
         ctx, artifact = self.ctx, self.ctx.stage.artifact

@@ -79,7 +79,8 @@ CHECK_STOP: tuple[str, ...] = (TURN_SEP,)  # the verdict line(s), not a new turn
 # A line that opens a user turn or one of our step headings ends the step's text
 # (other markdown headings are the model's own formatting and stay).
 _HEADING = re.compile(
-    r"(?m)^[ \t]*(?:" + "|".join(re.escape(t) for t in (USER_TAG, *STEP_TAGS.values()))
+    r"(?m)^[ \t]*(?:"
+    + "|".join(re.escape(t) for t in (USER_TAG, *STEP_TAGS.values()))
     # a speaker heading of the model's own wording ("### AI Assistant:", "### Human:")
     + r"|###[ \t]+(?:[\w ]{0,20}\b)?(?:Assistant|AI|User|Human)\b[\w ]{0,20}:)"
 )
