@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import groupby
@@ -42,7 +40,7 @@ from selfalign.backends.base import (
     cut_at_stop,
 )
 from selfalign.backends.ngram import token_texts
-from selfalign.backends.sampling import logits_processors
+from selfalign.backends.sampling import logits_processors, sole_generation_config
 from selfalign.backends.tokens import RequestTokenizer
 from selfalign.errors import InputError
 
@@ -79,20 +77,6 @@ def load_model_and_tokenizer(
         model = PeftModel.from_pretrained(model, adapter)
     model.to(dev).eval()
     return model, tokenizer
-
-
-@contextmanager
-def _sole_generation_config(config: GenerationConfig, model) -> Iterator[None]:
-    """``generate`` fills every option left unset from ``model.generation_config``: a
-    checkpoint's sampling settings or repetition penalty (Qwen) would change the output,
-    its ``max_length`` (Llama 2) would warn on every call. For the call, ``config`` stands
-    in for it (on the transformers model under a PEFT wrapper, which is what runs)."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    saved, model.generation_config = model.generation_config, config
-    try:
-        yield
-    finally:
-        model.generation_config = saved
 
 
 class _StopStrings(StoppingCriteria):
@@ -286,7 +270,7 @@ class HFBackend(Backend):
             max_new_tokens=params.max_new_tokens, do_sample=False, disable_compile=True,
             eos_token_id=sorted(self.eos_ids) or None, pad_token_id=self.pad_id,
         )  # fmt: skip
-        with _sole_generation_config(config, self.model):
+        with sole_generation_config(config, self.model):
             out = self.model.generate(
                 inp.to(self.device), attention_mask=attn.to(self.device),
                 position_ids=pos.to(self.device),

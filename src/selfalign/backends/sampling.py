@@ -1,4 +1,5 @@
-"""The hf backend's logits processors for ``model.generate``, built from ``SamplingParams``.
+"""What ``model.generate`` runs with: the hf backend's logits processors, built from
+``SamplingParams``, and the one generation config a call may use (MoTE decodes with both).
 
 Sampling happens here too, so that ``generate`` runs greedy: ``SeededSampler`` draws each
 row's token with that row's own ``torch.Generator`` and leaves every other token at -inf.
@@ -9,10 +10,12 @@ would differ from an uninterrupted one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import (
+    GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -114,3 +117,17 @@ def logits_processors(
     if params.temperature > 0:
         procs.append(SeededSampler(seeds))
     return procs
+
+
+@contextmanager
+def sole_generation_config(config: GenerationConfig, model) -> Iterator[None]:
+    """``generate`` fills every option left unset from ``model.generation_config``: a
+    checkpoint's sampling settings or repetition penalty (Qwen) would change the output,
+    its ``max_length`` (Llama 2) would warn on every call. For the call, ``config`` stands
+    in for it (on the transformers model under a PEFT wrapper, which is what runs)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved, model.generation_config = model.generation_config, config
+    try:
+        yield
+    finally:
+        model.generation_config = saved

@@ -27,7 +27,7 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-from selfalign.backends.sampling import SeededSampler
+from selfalign.backends.sampling import SeededSampler, sole_generation_config
 from selfalign.errors import InputError
 from selfalign.mote.data import prompt_ids
 from selfalign.mote.grammar import StepGrammar
@@ -143,11 +143,12 @@ def _generate_batch(
     for b, p in enumerate(prompts):  # left padding
         inp[b, width - len(p) :] = torch.tensor(p)
         attn[b, width - len(p) :] = 1
-    gen = model.generate(
-        input_ids=inp.to(device), attention_mask=attn.to(device), logits_processor=processors,
-        generation_config=_generation_config(grammar.tokens, pad, max_new_tokens, return_logits),
-        streamer=streamer,
-    )  # fmt: skip
+    config = _generation_config(grammar.tokens, pad, max_new_tokens, return_logits)
+    with sole_generation_config(config, model):
+        gen = model.generate(
+            input_ids=inp.to(device), attention_mask=attn.to(device),
+            logits_processor=processors, generation_config=config, streamer=streamer,
+        )  # fmt: skip
     new = gen.sequences[:, width:].tolist()
     logits = torch.stack(gen.logits, 1).cpu() if return_logits else None
     outputs = [
@@ -162,14 +163,13 @@ def _generate_batch(
 def _generation_config(
     tokens: StepTokens, pad: int, max_new_tokens: int, return_logits: bool
 ) -> GenerationConfig:
-    """Greedy over the processors' scores; the answer's end token stops a row. Settings a
-    model's own generation_config may carry (sampling, repetition penalty, minimum
-    length) are set to their neutral values: the chain is shaped by the grammar alone."""
+    """Greedy over the processors' scores; the answer's end token stops a row. It is the
+    only config the call sees (``sole_generation_config``): settings a model's own
+    generation_config may carry (sampling, repetition penalty, minimum length) stay at
+    their neutral defaults, so the chain is shaped by the grammar alone."""
     return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=1.0,
-        top_p=1.0, top_k=50, repetition_penalty=1.0, no_repeat_ngram_size=0, min_length=0,
-        eos_token_id=[tokens.end[ANSWER - 1]], pad_token_id=pad,
-        use_cache=True, return_dict_in_generate=True, output_logits=return_logits,
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=[tokens.end[ANSWER - 1]],
+        pad_token_id=pad, return_dict_in_generate=True, output_logits=return_logits,
     )  # fmt: skip
 
 

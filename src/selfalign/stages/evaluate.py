@@ -206,7 +206,6 @@ STAGE = Stage(
     "eval",
     EvalStageConfig,
     run_eval,
-    inputs=("engraved", "verbose"),
     inputs_of=model_stages,
     summarize=_summary,
     data_files=_data_files,
