@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.demo-installed
 VLLM_VENV := .venv-vllm
+LLAMACPP_VENV := .venv-llamacpp
 
-.PHONY: test test-vllm demo lint bench clean
+.PHONY: test test-vllm test-llamacpp demo lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +37,15 @@ $(VLLM_VENV)/.installed: pyproject.toml scripts/vllm_cpu_env.sh
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_backend_vllm.py
 
+# Scoring through llama-cpp-python's OpenAI-compatible server equals the hf backend
+# (llama.cpp compiles on the CPU once, several minutes); CI does not run these.
+$(LLAMACPP_VENV)/.installed: pyproject.toml scripts/llamacpp_env.sh
+	PYTHON=$(PYTHON) scripts/llamacpp_env.sh $(LLAMACPP_VENV)
+	touch $@
+
+test-llamacpp: $(LLAMACPP_VENV)/.installed
+	$(LLAMACPP_VENV)/bin/python -m pytest -q tests/test_llamacpp_server.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m ruff format --check src tests benchmarks
@@ -44,4 +54,4 @@ bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache runs
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .pytest_cache runs

@@ -103,6 +103,19 @@ def test_engrave_verbose_eval_and_report(
     assert manifest["engraved"]["stats"]["examples"] == len(PAIRS)
     assert manifest["engraved"]["stats"]["global_step"] == 4
 
+    # After each training: the end-of-turn guard on 8 held-out prompts (greedy, through the
+    # model's own template, no stop strings) and the template round trip over every example.
+    for stage, n in (("engraved", len(PAIRS)), ("verbose", manifest["verbose"]["counts"]["out"])):
+        turn = manifest[stage]["stats"]["turn_end"]
+        assert turn["prompts"] == 8 and turn["max_new_tokens"] == 256
+        assert 0 <= turn["ended"] <= 8 and turn["ok"] == (turn["rate"] >= turn["min_rate"])
+        rows = JsonlWriter(run_dir / stage / "turn_end.jsonl").read()[0]["answers"]
+        assert {r["kind"] for r in rows} == {"benign", "harmful", "safe_alarming"}
+        assert turn["ended"] == sum(r["ended"] for r in rows)
+        check = manifest[stage]["stats"]["template_check"]
+        assert check == {"examples": n, "identical": n, "end_token": "</s>", "end_trained": n,
+                         "ok": True}  # fmt: skip
+
     # Stage 3: a LoRA adapter directory with our chat template and a loss history.
     engraved = run_dir / "engraved"
     assert (engraved / "adapter_config.json").is_file()
@@ -164,6 +177,7 @@ def test_engrave_verbose_eval_and_report(
         assert (run_dir / "report_files" / png).stat().st_size > 1000
         assert f"report_files/{png}" in html
     assert "truthfulqa" in html and "mc2" in html
+    assert "Trained models: end of turn and chat template" in html
 
 
 # -- the teacher's prompt and answers -------------------------------------------------------

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from selfalign.backends import BackendConfig
+from selfalign.chat_format import chat_template
 from selfalign.config import RunConfig
 from selfalign.eval.hhh import HHH_SYSTEM
 from selfalign.eval.truthfulqa import DROMEDARY_SYSTEM
@@ -36,15 +37,16 @@ HHH_TASK = {
 
 
 def stand_in_for_stages_1_to_4(run_dir: Path, tiny_model: Path) -> None:
+    """Trained models that are the base's weights, with what training saves beside them:
+    the system text and a chat template that supplies it."""
     (run_dir / "engraved").mkdir(parents=True)
-    shutil.copytree(tiny_model, run_dir / "engraved" / "merged")
-    (run_dir / "engraved" / "train_log.json").write_text(
-        json.dumps({"system_text": ENGRAVED_SYSTEM})
-    )
-    shutil.copytree(tiny_model, run_dir / "verbose" / "model")
-    (run_dir / "verbose" / "model" / "train_log.json").write_text(
-        json.dumps({"system_text": FINAL_SYSTEM})
-    )
+    for folder, log_dir, system in (
+        (run_dir / "engraved" / "merged", run_dir / "engraved", ENGRAVED_SYSTEM),
+        (run_dir / "verbose" / "model", run_dir / "verbose" / "model", FINAL_SYSTEM),
+    ):
+        shutil.copytree(tiny_model, folder)
+        (folder / "chat_template.jinja").write_text(chat_template(system))
+        (log_dir / "train_log.json").write_text(json.dumps({"system_text": system}))
 
 
 def run_eval_stage(tiny_model: Path, run_dir: Path, config: EvalStageConfig) -> None:

@@ -119,7 +119,8 @@ def plan(config: Path, run_dir: Path) -> dict[str, str]:
         cli("run", str(config), "--out", str(run_dir), "--dry-run"),
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    return {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    rows = [line.split() for line in out.splitlines()[1:]]  # plan lines, not the estimates
+    return {r[0]: r[1] for r in rows if len(r) > 1 and r[1] in ("reuse", "resume", "run", "rerun")}
 
 
 def test_a_change_reruns_that_stage_and_downstream_only(tiny_model: Path, tmp_path: Path) -> None:

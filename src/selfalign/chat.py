@@ -11,9 +11,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from threading import Thread
+from typing import TYPE_CHECKING
 
 from selfalign.backends.spec import parse_spec
 from selfalign.errors import InputError
+
+if TYPE_CHECKING:
+    from selfalign.backends import BackendConfig
 
 Reply = Callable[[list[dict[str, str]]], Iterator[str]]
 
@@ -50,11 +54,13 @@ def hf_reply(path: Path, max_new_tokens: int, temperature: float) -> Reply:
     return reply
 
 
-def backend_reply(spec: str, max_new_tokens: int, temperature: float) -> Reply:
+def backend_reply(
+    spec: str, max_new_tokens: int, temperature: float, api_key_env: str = "OPENAI_API_KEY"
+) -> Reply:
     """Any other backend (a server, vLLM): the whole reply at once."""
     from selfalign.backends import GenerationRequest, SamplingParams, load_backend
 
-    backend = load_backend(spec)
+    backend = load_backend(backend_config(spec, api_key_env))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature)
 
     def reply(messages: list[dict[str, str]]) -> Iterator[str]:
@@ -83,7 +89,28 @@ def mote_reply_fn(path: Path, max_new_tokens: int, temperature: float, show_step
     return reply
 
 
-def make_reply(spec: str, max_new_tokens: int, temperature: float, show_steps: bool) -> Reply:
+def backend_config(spec: str, api_key_env: str) -> BackendConfig:
+    """The backend block for ``spec``; a bad option value is bad input (exit 2)."""
+    from pydantic import ValidationError
+
+    from selfalign.backends import BackendConfig
+    from selfalign.validation import describe_error, field_path
+
+    try:
+        return BackendConfig(model=spec, api_key_env=api_key_env)
+    except ValidationError as e:
+        loc, msg = describe_error(e)
+        raise InputError(msg, field="--" + field_path(loc).replace("_", "-")) from None
+
+
+def make_reply(
+    spec: str,
+    max_new_tokens: int,
+    temperature: float,
+    show_steps: bool,
+    *,
+    api_key_env: str = "OPENAI_API_KEY",
+) -> Reply:
     parsed = parse_spec(spec)
     if parsed.kind == "hf":
         if not parsed.path.is_dir():
@@ -93,7 +120,7 @@ def make_reply(spec: str, max_new_tokens: int, temperature: float, show_steps: b
         if is_mote_dir(parsed.path):
             return mote_reply_fn(parsed.path, max_new_tokens, temperature, show_steps)
         return hf_reply(parsed.path, max_new_tokens, temperature)
-    return backend_reply(spec, max_new_tokens, temperature)
+    return backend_reply(spec, max_new_tokens, temperature, api_key_env)
 
 
 def chat_loop(reply: Reply, system: str, name: str) -> None:

@@ -75,9 +75,16 @@ def run(
     runner = Runner(run_config, stage_configs, run_dir, Path(config))
     plan = runner.plan(only=only, until=until)
     if dry_run:
+        from selfalign.estimate import describe_estimate, describe_total, estimate_plan
+
+        estimates = estimate_plan(run_config, plan, runner.manifest.data)
         typer.echo(f"run directory: {run_dir}")
         for item in plan:
             typer.echo(f"  {item.stage.name:<10} {item.action:<7} {item.reason}")
+            if item.stage.name in estimates:
+                typer.echo("\n".join(describe_estimate(estimates[item.stage.name])))
+        for line in describe_total(estimates):
+            typer.echo(line)
         if not plan:
             typer.echo("  (no stages configured)")
         return
@@ -99,6 +106,32 @@ def report(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> 
     from selfalign.report import write_report
 
     typer.echo(str(write_report(run_dir)))
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory")],
+    out: Annotated[Path, typer.Argument(help="new (or empty) folder for the export")],
+    push: Annotated[
+        str | None,
+        typer.Option("--push", metavar="ORG/NAME", help="upload to ORG/NAME-<model|stage>"),
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="pushed repos are private")] = False,
+    base_model: Annotated[
+        str | None,
+        typer.Option("--base-model", help="the base model's Hub id, when its folder does not say"),
+    ] = None,
+) -> None:
+    """Hub-ready model and dataset folders with cards (token for --push: $HF_TOKEN)."""
+    from selfalign.export import export_run
+
+    result = export_run(run_dir, out, push=push, private=private, base_model=base_model)
+    for stage, n in result.datasets.items():
+        typer.echo(f"dataset {stage}: {n} records -> {result.out / 'datasets' / stage}")
+    for name, source in result.models.items():
+        typer.echo(f"model {name}: {source} -> {result.out / 'models' / name}")
+    for url in result.pushed:
+        typer.echo(f"pushed: {url}")
 
 
 @app.command()
@@ -141,6 +174,9 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 512,
     temperature: Annotated[float, typer.Option("--temperature")] = 0.7,
     steps: Annotated[bool, typer.Option("--steps/--no-steps", help="MoTE: show the steps")] = True,
+    api_key_env: Annotated[
+        str, typer.Option("--api-key-env", help="openai: variable holding the API key")
+    ] = "OPENAI_API_KEY",
 ) -> None:
     """Talk to a model in the terminal (/reset, /exit)."""
     from selfalign.chat import chat_loop, make_reply
@@ -148,7 +184,7 @@ def chat(
     from selfalign.stages.training import PLAIN_SYSTEM_TEXT
 
     name = name or DEFAULT_ASSISTANT_NAME
-    reply = make_reply(model, max_new_tokens, temperature, steps)
+    reply = make_reply(model, max_new_tokens, temperature, steps, api_key_env=api_key_env)
     chat_loop(reply, system or PLAIN_SYSTEM_TEXT.replace("{name}", name), name)
 
 

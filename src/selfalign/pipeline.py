@@ -30,6 +30,8 @@ import yaml
 
 from selfalign.chunking import pending_chunks
 from selfalign.config import RunConfig, StageConfig
+from selfalign.cost import stage_cost
+from selfalign.environment import note_environment
 from selfalign.errors import InputError
 from selfalign.progress import ProgressReporter
 from selfalign.registry import load_stage, stage_names
@@ -231,6 +233,7 @@ class Runner:
         self.manifest.update(
             name, status="running", fingerprint=item.fingerprint, error=None,
             timings={"started": _now(), "seconds": prior_seconds},
+            environment=note_environment(self.manifest.data),  # selfalign.environment
         )  # fmt: skip
         t0 = time.monotonic()
         reset_peak_memory()
@@ -254,6 +257,9 @@ class Runner:
             self._finish(ctx, drive, t0, prior_seconds, status="incomplete", error=error)
             raise StageIncomplete(f"stage {name!r}: {error}")
         self._finish(ctx, drive, t0, prior_seconds, status="complete", error=None)
+        from selfalign.cards import write_cards  # model and dataset cards: selfalign.cards
+
+        write_cards(self.run_dir, self.manifest.data)
 
     def _finish(
         self,
@@ -293,6 +299,9 @@ class Runner:
         )
         if status == "complete" and ctx.stage.summarize is not None:
             values["stats"] = ctx.stage.summarize(ctx.records, ctx.dropped, ctx)
+        values["cost"] = stage_cost(  # tokens, time, device-hours, money: selfalign.cost
+            {**entry, **values}, ctx.config.model_dump(mode="json"), self.run.generation_backend()
+        )
         self.manifest.update(name, **values)
 
 

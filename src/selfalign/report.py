@@ -17,6 +17,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from selfalign.cost import Cost, format_money, run_costs, total_cost  # noqa: E402
 from selfalign.errors import InputError  # noqa: E402
 from selfalign.store import atomic_write_text, read_records  # noqa: E402
 
@@ -271,6 +272,72 @@ def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]
     return rows
 
 
+def _trained_model_parts(stages: dict[str, Any]) -> list[str]:
+    """Per trained model: does it end its turn by itself, and does its saved chat template
+    reproduce the ids it was trained on (a red warning where either fails)."""
+    rows, warnings = [], []
+    for name, entry in stages.items():
+        stats = entry.get("stats") or {}
+        turn, template = stats.get("turn_end"), stats.get("template_check")
+        if not turn and not template:
+            continue
+        if turn and "rate" in turn:
+            ended = (f"{turn['ended']}/{turn['prompts']} ({turn['rate']:.0%}) "
+                     f"within {turn['max_new_tokens']} tokens")  # fmt: skip
+            nxt = turn.get("next_turn", 0)
+            if not turn["ok"]:
+                warnings.append(
+                    f"{name}: ended its turn on only {turn['rate']:.0%} of held-out "
+                    f"prompts (warning threshold {turn['min_rate']:.0%})"
+                )
+        else:
+            ended, nxt = (turn or {}).get("skipped", "not checked"), "-"
+        if template:
+            same = (f"{template['identical']}/{template['examples']} identical; end token "
+                    f"{template['end_token']} trained in {template['end_trained']}")  # fmt: skip
+            if not template["ok"]:
+                warnings.append(
+                    f"{name}: the saved chat template does not reproduce the trained ids"
+                )
+        else:
+            same = "-"
+        rows.append([name, ended, nxt, same])
+    if not rows:
+        return []
+    parts = [
+        "<h2>Trained models: end of turn and chat template</h2>",
+        _table(
+            [
+                "stage",
+                "ended its turn (own template, greedy, no stop strings)",
+                "started the next user turn",
+                "template round trip",
+            ],
+            rows,
+        ),
+    ]
+    parts += [
+        f"<p style='color:#b00;font-weight:bold'>WARNING: {html.escape(w)}</p>" for w in warnings
+    ]
+    return parts
+
+
+STAGE_COLUMNS = ["stage", "status", "in", "out", "dropped", "drop reasons", "seconds", "peak MiB",
+                 "prompt tokens", "completion tokens", "trained tokens", "device-hours",
+                 "money"]  # fmt: skip
+
+
+def _cost_cells(cost: Cost) -> list[Any]:
+    """Tokens in and out, tokens trained on (one epoch), device-hours and money (with what
+    it was charged by; ``-`` where the config gives no price: ``selfalign.cost``)."""
+    hours, money = cost.get("device_hours"), cost.get("money")
+    basis = cost.get("currency_basis") if money is not None else None
+    basis = f" ({basis})" if basis else ""
+    return [cost.get("prompt_tokens", 0), cost.get("completion_tokens", 0),
+            cost.get("train_tokens") or "", "-" if hours is None else f"{hours:.4f}",
+            format_money(money) + basis]  # fmt: skip
+
+
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     stages = _load_manifest(run_dir).get("stages", {})
@@ -290,22 +357,25 @@ def write_report(run_dir: Path) -> Path:
         )),
         ("Training loss", plot_losses(logs, plots / "loss.png")),
     ]  # fmt: skip
+    costs = run_costs(run_dir, stages)
     stage_rows = [
         [name, e.get("status"), e.get("counts", {}).get("in", ""), e.get("counts", {}).get("out", ""),
          e.get("counts", {}).get("dropped", ""),
          ", ".join(f"{k}: {v}" for k, v in e.get("drop_reasons", {}).items()),
          f"{e.get('timings', {}).get('seconds', 0):.1f}",
-         e.get("timings", {}).get("peak_rss_mb", "")]
+         e.get("timings", {}).get("peak_rss_mb", ""), *_cost_cells(costs[name])]
         for name, e in stages.items()
     ]  # fmt: skip
+    if costs:
+        total = total_cost(costs)
+        stage_rows.append(["total", "", "", "", "", "", f"{total['seconds']:.1f}", "",
+                           *_cost_cells(total)])  # fmt: skip
     parts = [
         f"<h1>selfalign run: {html.escape(run_dir.name)}</h1>",
         "<h2>Stages</h2>",
-        _table(
-            ["stage", "status", "in", "out", "dropped", "drop reasons", "seconds", "peak MiB"],
-            stage_rows,
-        ),
+        _table(STAGE_COLUMNS, stage_rows),
     ]
+    parts += _trained_model_parts(stages)
     aligned_rows = _aligned_rows(stages.get("aligned", {}).get("stats") or {})
     if aligned_rows:
         parts += ["<h2>Stage 2 answers</h2>", _table(["statistic", "value"], aligned_rows)]

@@ -117,6 +117,11 @@ class Backend(ABC):
         """Summed log-likelihood of each continuation given its context."""
         raise NotImplementedError(f"the {self.name} backend cannot score continuations")
 
+    def score_details(self, requests: list[ScoreRequest]) -> list[tuple[float, bool | None]]:
+        """``score`` plus whether greedy decoding would write each continuation
+        (lm-evaluation-harness's ``is_greedy``); None where the backend cannot tell."""
+        return [(value, None) for value in self.score(requests)]
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release engines, connections, GPU memory."""
 

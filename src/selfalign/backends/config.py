@@ -23,7 +23,20 @@ class BackendConfig(StrictModel):
     """Where generation runs. Change this block to move a stage to another backend.
 
     In a config file, local paths (``model``, ``adapter``, ``tokenizer``) resolve against
-    the file's folder; built from CLI options, they are left to the working directory."""
+    the file's folder; built from CLI options, they are left to the working directory.
+
+    Cost (all optional; none changes an output, so none is part of a fingerprint; see
+    ``selfalign.cost``): ``price_per_million_prompt_tokens`` and
+    ``price_per_million_completion_tokens`` price a hosted API by its tokens;
+    ``price_per_device_hour`` prices your own GPUs or cloud instances by the hours the
+    backend holds them: ``devices`` of them, by default 1 for hf, ``tensor_parallel_size``
+    for vllm and 0 for openai (a remote server: give ``devices`` when you pay for its
+    machines by the hour). A backend with a token price is charged by its tokens only.
+    Training stages run on the run's own devices: ``launch.num_processes`` of them (1 for
+    MoTE), charged at the run-level block's ``price_per_device_hour``. The amounts are in
+    whatever currency the prices are. ``throughput_tokens_per_s``: your measured
+    generation speed (completion tokens per second), used only by ``run --dry-run`` to
+    turn its token estimates into time."""
 
     model: Annotated[str, AfterValidator(_resolve_model)] = Field(
         description="model spec: PATH, hf:PATH, vllm:PATH or openai:URL#NAME"
@@ -69,6 +82,24 @@ class BackendConfig(StrictModel):
         False, description="vllm: skip graph capture/compilation (faster start, slower decode)"
     )
 
+    # cost and estimates (see the docstring)
+    price_per_million_prompt_tokens: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="hosted API: price of 1M prompt tokens"
+    )
+    price_per_million_completion_tokens: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="hosted API: price of 1M generated tokens"
+    )
+    price_per_device_hour: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="own GPUs/instances: price of one device-hour"
+    )
+    devices: int | None = Field(
+        None, ge=0, description="devices the backend holds (default: hf 1, vllm TP, openai 0)"
+    )
+    throughput_tokens_per_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="measured generation speed, completion tokens/s (dry-run estimates only)",
+    )  # fmt: skip
+
     # Settings that change only speed, never outputs: left out of stage fingerprints.
     # (A ClassVar, not a field: a field would be dumped into config.yaml and hashed.)
     EXECUTION_ONLY: ClassVar[frozenset[str]] = frozenset(
@@ -76,7 +107,9 @@ class BackendConfig(StrictModel):
             "batch_size", "device", "api_key_env", "base_urls", "max_concurrency",
             "timeout_s", "max_retries", "retry_backoff_s", "tensor_parallel_size",
             "gpu_memory_utilization", "max_model_len", "enable_prefix_caching",
-            "enforce_eager",
+            "enforce_eager", "price_per_million_prompt_tokens",
+            "price_per_million_completion_tokens", "price_per_device_hour", "devices",
+            "throughput_tokens_per_s",
         }
     )  # fmt: skip
 

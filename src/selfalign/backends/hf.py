@@ -64,12 +64,15 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model_and_tokenizer(
     path: str | Path, *, dtype: str = "auto", device: str = "auto", adapter: str | None = None
 ):
-    """``from_pretrained`` exactly as for any Hugging Face model directory."""
+    """``from_pretrained`` exactly as for any Hugging Face model directory. An adapter
+    folder that carries a tokenizer (ours do: the chat template it was trained with, its
+    end-of-turn token) supplies the tokenizer."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise InputError("not a Hugging Face model directory (no config.json)", file=path)
     dev = resolve_device(device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if own else path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev))
     if adapter:
         from peft import PeftModel
@@ -296,26 +299,36 @@ class HFBackend(Backend):
             )
 
     # -- scoring ------------------------------------------------------------------------
-    @torch.no_grad()
     def score(self, requests: list[ScoreRequest]) -> list[float]:
         """Summed log P(continuation | context); each distinct context is run once."""
-        out: list[float] = [0.0] * len(requests)
+        return [value for value, _ in self.score_details(requests)]
+
+    def score_details(self, requests: list[ScoreRequest]) -> list[tuple[float, bool | None]]:
+        """(summed log-likelihood, whether greedy decoding writes the continuation)."""
+        return self.score_ids([self.encode_pair(r.context, r.continuation) for r in requests])
+
+    @torch.no_grad()
+    def score_ids(
+        self, pairs: list[tuple[list[int], list[int]]]
+    ) -> list[tuple[float, bool | None]]:
+        """``score_details`` on token ids: (context ids, leading special tokens included;
+        continuation ids). Each distinct context is run once."""
+        out: list[tuple[float, bool | None]] = [(0.0, True)] * len(pairs)
         by_context: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}
-        for i, req in enumerate(requests):
-            ctx, cont = self.encode_pair(req.context, req.continuation)
-            by_context.setdefault(tuple(ctx), []).append((i, cont))
+        for i, (ctx, cont) in enumerate(pairs):
+            by_context.setdefault(tuple(ctx), []).append((i, list(cont)))
         for ctx, items in by_context.items():
             cached, _ = self._split(list(ctx), [])
             for start in range(0, len(items), self.batch_size):
                 chunk = items[start : start + self.batch_size]
                 for (i, _), value in zip(chunk, self._score_chunk(ctx, cached, chunk), strict=True):
                     out[i] = value
-        self.stats.requests += len(requests)
+        self.stats.requests += len(pairs)
         return out
 
     def _score_chunk(
         self, ctx: tuple[int, ...], cached: tuple[int, ...], chunk: list[tuple[int, list[int]]]
-    ) -> list[float]:
+    ) -> list[tuple[float, bool]]:
         p = len(cached)
         tail = list(ctx[p:])  # the context tokens not in the cache (at least one)
         rows = [tail + cont for _, cont in chunk]
@@ -339,5 +352,6 @@ class HFBackend(Backend):
             start = len(tail) - 1  # position whose logits predict the first continuation token
             idx = torch.arange(start, start + len(cont), device=self.device)
             target = torch.tensor(cont, device=self.device)
-            values.append(float(logprobs[b, idx, target].sum()))
+            greedy = bool((logprobs[b, idx].argmax(-1) == target).all())
+            values.append((float(logprobs[b, idx, target].sum()), greedy))
         return values

@@ -89,6 +89,7 @@ class OpenAIBackend(Backend):
         self.model_name = model_name
         self.server_no_repeat_ngram = server_no_repeat_ngram
         self.api_key_env = api_key_env
+        self._text_prompts_only = False  # set once a server refuses token-id prompts
         # The served model's tokenizer, if given, makes the token ids the hf backend feeds
         # its model; ``encode`` and ``tokenizer`` are what stages read to check bias texts.
         self.tokens = RequestTokenizer(_load_tokenizer(tokenizer)) if tokenizer else None
@@ -234,17 +235,30 @@ class OpenAIBackend(Backend):
         """Summed log P(continuation | context) from the prompt's echoed logprobs.
 
         With ``tokenizer`` set, token ids are sent exactly as the hf backend splits them
-        (lm-evaluation-harness's context/continuation split), so scores match it.
-        Without one, the text is sent and the server tokenizes it (its own BOS included);
-        continuation tokens are those reaching past the context in ``text_offset``."""
+        (lm-evaluation-harness's context/continuation split), so scores match it; a server
+        that takes only text prompts (llama-cpp-python's) gets the text instead. Without
+        one, the text is sent and the server tokenizes it (its own BOS included);
+        continuation tokens are those reaching past the context in ``text_offset``.
 
-        values = self._loop.run(_gather([self._score_one(r) for r in requests]))
+        Servers differ in what they echo: vLLM and our test server list the BOS token,
+        llama-cpp-python leaves it out; the one generated token (``max_tokens`` is 1:
+        0 means "no limit" to some servers) comes last, or not at all when it was EOS
+        and the server does not report it. So the prompt's entries are found from the end
+        (all but the ``usage.completion_tokens`` generated ones), never by counting
+        ``usage.prompt_tokens`` from the start."""
+
+        return [value for value, _ in self.score_details(requests)]
+
+    def score_details(self, requests: list[ScoreRequest]) -> list[tuple[float, bool | None]]:
+        """``score`` plus lm-eval's ``is_greedy``: every continuation token is the most
+        likely one in the echoed ``top_logprobs`` (None where the server sends none)."""
+        details = self._loop.run(_gather([self._score_one(r) for r in requests]))
         self.stats.requests += len(requests)
-        return values
+        return details
 
-    async def _score_one(self, request: ScoreRequest) -> float:
+    async def _score_one(self, request: ScoreRequest) -> tuple[float, bool | None]:
         context, continuation = _move_trailing_spaces(request.context, request.continuation)
-        if self.tokens is not None:
+        if self.tokens is not None and not self._text_prompts_only:
             ctx_ids, cont_ids = self.tokens.encode_pair(context, continuation)
             prompt: str | list[int] = ctx_ids + cont_ids
         else:
@@ -254,11 +268,17 @@ class OpenAIBackend(Backend):
             "max_tokens": 1, "temperature": 0.0,
         }  # fmt: skip
 
-        async def call(client: openai.AsyncOpenAI) -> float:
+        async def call(client: openai.AsyncOpenAI) -> tuple[float, bool | None]:
             try:
                 resp = await client.completions.create(**body)
-            except openai.BadRequestError as exc:
-                raise InputError(self._no_echo(str(exc)), field="model") from None
+            except openai.APIStatusError as exc:
+                # llama-cpp-python answers a token-id prompt with 500 "validation errors".
+                refused = exc.status_code in (400, 422, 500) and "prompt" in str(exc)
+                if isinstance(prompt, list) and refused:
+                    raise _IdsRefused from None
+                if exc.status_code in (400, 422):
+                    raise InputError(self._no_echo(str(exc)), field="model") from None
+                raise
             choice = _first_choice(resp)
             lp = getattr(choice, "logprobs", None)
             values = getattr(lp, "token_logprobs", None)
@@ -266,26 +286,26 @@ class OpenAIBackend(Backend):
                 raise InputError(self._no_echo("the response carries no logprobs"), field="model")
             usage = getattr(resp, "usage", None)
             self.stats.prompt_tokens += getattr(usage, "prompt_tokens", 0) or 0
+            n_echoed = _echoed_prompt_len(len(values), usage)
+            if n_echoed is None:
+                raise InputError(self._no_echo("no usage to locate the prompt"), field="model")
             if isinstance(prompt, list):
-                picked = values[len(ctx_ids) : len(prompt)]
-                if len(picked) != len(cont_ids):
+                picked = values[n_echoed - len(cont_ids) : n_echoed]
+                if n_echoed - len(cont_ids) < 1:
                     raise InputError(self._no_echo("the echoed prompt is too short"), field="model")
             else:
-                offsets = getattr(lp, "text_offset", None)
-                n_prompt = getattr(usage, "prompt_tokens", None)
-                if not offsets or not n_prompt:
-                    raise InputError(
-                        self._no_echo("no text_offset/usage to locate the prompt"), field="model"
-                    )
-                ends = [*offsets[1:n_prompt], len(prompt)]
-                picked = [
-                    v for v, end in zip(values[:n_prompt], ends, strict=True) if end > len(context)
-                ]
+                picked = _past_context(lp, n_echoed, len(prompt), len(context))
+                if picked is None:
+                    raise InputError(self._no_echo("no text_offset to locate it"), field="model")
             if not picked or any(v is None for v in picked):
                 raise BadResponse("missing logprobs for continuation tokens")
-            return float(sum(picked))
+            return float(sum(picked)), _greedy(lp, n_echoed, len(picked))
 
-        return await self._retrying.call(call)
+        try:
+            return await self._retrying.call(call)
+        except _IdsRefused:
+            self._text_prompts_only = True  # later requests send text at once
+            return await self._score_one(request)
 
     def _no_echo(self, detail: str) -> str:
         return self._redact(
@@ -298,6 +318,57 @@ class OpenAIBackend(Backend):
         for secret in self._secrets:
             text = text.replace(secret, "[redacted]")
         return text
+
+
+class _IdsRefused(Exception):
+    """The server refused a token-id prompt (llama-cpp-python takes text only)."""
+
+
+def _echoed_prompt_len(n_entries: int, usage: Any) -> int | None:
+    """How many leading logprob entries are the echoed prompt: all but the generated ones."""
+    generated = getattr(usage, "completion_tokens", None)
+    if not isinstance(generated, int) or not 0 <= generated < n_entries:
+        return None
+    return n_entries - generated
+
+
+def _past_context(
+    logprobs: Any, n_echoed: int, prompt_len: int, context_len: int
+) -> list[float | None] | None:
+    """Logprobs of the echoed prompt's tokens whose text reaches past the context.
+
+    ``text_offset`` is read relative to where the prompt ends (the generated token's
+    offset, else the end of the last prompt token): a BOS entry whose text some servers
+    count in the offsets then shifts nothing."""
+    offsets = getattr(logprobs, "text_offset", None)
+    tokens = getattr(logprobs, "tokens", None) or []
+    values = logprobs.token_logprobs
+    if not offsets or len(offsets) != len(values):
+        return None
+    if n_echoed < len(offsets):
+        prompt_end = offsets[n_echoed]
+    elif len(tokens) == len(values):
+        prompt_end = offsets[n_echoed - 1] + len(tokens[n_echoed - 1])
+    else:
+        return None
+    context_end = prompt_end - prompt_len + context_len
+    ends = [*offsets[1:n_echoed], prompt_end]
+    return [v for v, end in zip(values[:n_echoed], ends, strict=True) if end > context_end]
+
+
+def _greedy(logprobs: Any, n_echoed: int, n_picked: int) -> bool | None:
+    """Whether each of the last ``n_picked`` echoed prompt tokens has the highest logprob
+    at its position (``top_logprobs``, asked for with ``logprobs: 1``); None without them."""
+    tops = getattr(logprobs, "top_logprobs", None)
+    if not tops or len(tops) < n_echoed:
+        return None
+    span = slice(n_echoed - n_picked, n_echoed)
+    for value, top in zip(logprobs.token_logprobs[span], tops[span], strict=True):
+        if not top or value is None:
+            return None
+        if value < max(top.values()):
+            return False
+    return True
 
 
 async def _gather(coros: list[Awaitable[T]]) -> list[T]:

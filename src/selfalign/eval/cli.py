@@ -57,8 +57,10 @@ def _backend(spec: str, batch_size: int = 8, dtype: str = "auto", device: str = 
     return load_backend(config)
 
 
-def _scoring_backend(spec: str, batch_size: int, dtype: str, device: str) -> Backend:
-    backend = _backend(spec, batch_size, dtype, device)
+def _scoring_backend(
+    spec: str, batch_size: int, dtype: str, device: str, api_key_env: str = "OPENAI_API_KEY"
+) -> Backend:
+    backend = _backend(spec, batch_size, dtype, device, api_key_env)
     if not backend.can_score:
         raise InputError(f"the {backend.name} backend cannot score continuations", field="--model")
     return backend
@@ -120,6 +122,7 @@ def truthfulqa(
     batch_size: BatchSize = 16,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
 ) -> None:
     """TruthfulQA MC1/MC2 (lm-eval protocol) or MC1 (dromedary true/false protocol)."""
     from selfalign.eval.truthfulqa import DROMEDARY_SYSTEM, evaluate_truthfulqa, load_truthfulqa
@@ -130,7 +133,7 @@ def truthfulqa(
         )
     load_truthfulqa(data)  # bad data fails before a model is loaded
     system = _system(system_file) or DROMEDARY_SYSTEM
-    with _scoring_backend(model, batch_size, dtype, device) as backend:
+    with _scoring_backend(model, batch_size, dtype, device, api_key_env) as backend:
         result, rows = evaluate_truthfulqa(
             backend, data, model=model, protocol=protocol, limit=limit, system=system
         )
@@ -154,13 +157,14 @@ def hhh(
     batch_size: BatchSize = 16,
     dtype: Dtype = "auto",
     device: Device = "auto",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
 ) -> None:
     """HHH alignment: pick the better reply, both option orders; accuracy per category."""
     from selfalign.eval.hhh import HHH_SYSTEM, evaluate_hhh, load_hhh
 
     load_hhh(data)
     system = _system(system_file) or HHH_SYSTEM  # a missing file fails before the model loads
-    with _scoring_backend(model, batch_size, dtype, device) as backend:
+    with _scoring_backend(model, batch_size, dtype, device, api_key_env) as backend:
         result, rows = evaluate_hhh(backend, data, model=model, limit=limit, system=system)
     _details(details, rows)
     _finish(result, out, run_dir)
@@ -283,3 +287,73 @@ def safety(
         )  # fmt: skip
     result = summarize(done, ids, model=model, judge=judge, data=[data_ref(p) for p in prompts])
     _finish(result, out, run_dir, failed)
+
+
+@eval_app.command("lm-eval")
+def lm_eval_tasks(
+    model: Model,
+    tasks: Annotated[
+        str, typer.Option("--tasks", help="lm-evaluation-harness tasks, comma-separated")
+    ],
+    include_path: Annotated[
+        list[Path] | None,
+        typer.Option("--include-path", help="folder of extra task YAMLs (repeatable)"),
+    ] = None,
+    truthfulqa_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--truthfulqa-data",
+            help="mc_task.json or HF truthful_qa rows: truthfulqa_mc1/mc2 read it, not the Hub",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="only the first N documents of each task")
+    ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option("--num-fewshot", min=0, help="few-shot examples per prompt")
+    ] = None,
+    apply_chat_template: Annotated[
+        bool, typer.Option("--apply-chat-template", help="render prompts with the chat template")
+    ] = False,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="python/numpy/torch/few-shot seeds (lm-eval's)")
+    ] = None,
+    out: Out = None,
+    records: Records = None,
+    batch_size: BatchSize = 16,
+    dtype: Dtype = "auto",
+    device: Device = "auto",
+    api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
+) -> None:
+    """Any lm-evaluation-harness task through our backends (needs the lm-eval extra)."""
+    from selfalign.backends import parse_spec
+    from selfalign.eval.lm_eval_run import harness_backend, require_lm_eval, run_lm_eval
+
+    require_lm_eval()
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise InputError("no task given", field="--tasks")
+    if truthfulqa_data is not None and not truthfulqa_data.exists():
+        raise InputError("file not found", file=truthfulqa_data, field="--truthfulqa-data")
+    spec = parse_spec(model, field="--model")  # a bad spec fails before the tasks load
+    if spec.path is not None and not spec.path.exists():
+        raise InputError("model directory does not exist", file=spec.path, field="--model")
+
+    def open_backend() -> Backend:
+        return harness_backend(
+            model, lambda: _backend(model, batch_size, dtype, device, api_key_env),
+            batch_size=batch_size, dtype=dtype, device=device,
+        )  # fmt: skip
+
+    from selfalign.eval.harness import RequestsFailed
+
+    try:
+        result = run_lm_eval(
+            open_backend, model=model, model_id=model_identity(model), tasks=names,
+            include_paths=include_path or [], truthfulqa_data=truthfulqa_data, limit=limit,
+            num_fewshot=num_fewshot, seed=seed, records=_records(records, out, ".records.jsonl"),
+            apply_chat_template=apply_chat_template,
+        )  # fmt: skip
+    except RequestsFailed as exc:
+        _exit_if_failed(exc.n, "request")
+    typer.echo(emit(result, out))

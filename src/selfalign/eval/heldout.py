@@ -75,9 +75,12 @@ def answer_heldout(
     system_text: str,
     max_new_tokens: int,
     icl: Any | None = None,
+    chat: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy answers, one row per prompt. ``icl``: a stage-2 ``StagePrompt``; the model
-    then writes thoughts first and its answer is the text of its answer turn."""
+    then writes thoughts first and its answer is the text of its answer turn. ``chat``: a
+    trained model, prompted through its own chat template with no system message (the
+    template supplies the text it was trained with), as a user serving it would."""
     from selfalign.text.thoughts import STOP, split_generation
 
     stop = STOP if icl is not None else (NEXT_USER_TURN,)
@@ -87,6 +90,13 @@ def answer_heldout(
         prefix = icl.prefix()
         requests = [
             GenerationRequest(icl.query_prompt(p["prompt"]), prefix, params) for p in prompts
+        ]
+    elif chat:
+        requests = [
+            GenerationRequest(
+                "", params=params, messages=({"role": "user", "content": p["prompt"]},)
+            )
+            for p in prompts
         ]
     else:
         requests = [

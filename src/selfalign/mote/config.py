@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from selfalign.validation import StrictModel
+from selfalign.train.reporting import ReportTarget
+from selfalign.validation import ConfigPath, StrictModel
 
 SHARED = "shared"  # the shared expert's name
 CONFIG_FILE = "mote_config.json"  # marks a MoTE model directory
@@ -60,11 +61,22 @@ class MoteTrainConfig(StrictModel):
     # Packed chains need a 4D attention mask: sdpa or eager, not flash-attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     logging_steps: int = 10
+    report_to: list[ReportTarget] = Field(
+        [], description="training logs: tensorboard, wandb, mlflow, trackio, ... ([] or none: off)"
+    )
+    logging_dir: ConfigPath | None = Field(
+        None, description="TensorBoard's event files; default: logs/ inside the model folder"
+    )
     save_strategy: Literal["no", "epoch", "steps"] = "no"
     save_steps: int = 500
     resume: bool = True  # continue from the last checkpoint in out_dir/checkpoints
     seed: int = 0
     progress: bool = True
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_name_is_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     def resolved_mote(self) -> MoteConfig:
         """The expert architecture after the method's overrides."""

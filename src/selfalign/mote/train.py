@@ -44,6 +44,7 @@ from selfalign.mote.model import (
     save_mote,
 )
 from selfalign.train.checkpoints import resume_point
+from selfalign.train.reporting import check_reporting, report_callbacks, trainer_report_to
 
 
 @dataclass
@@ -115,6 +116,7 @@ def train_mote(
     if not chains:
         raise InputError("no chains to train on")
     out = Path(out_dir)
+    check_reporting(config.report_to)  # before the model loads
     dtype = _dtype(config.dtype, config.device)
     set_seed(config.seed)  # the LoRA A matrices are drawn when the experts are built
     model, tokenizer = load_base(base_model, dtype, config.attn_implementation)
@@ -159,7 +161,7 @@ def train_mote(
         logging_steps=config.logging_steps,
         save_strategy=config.save_strategy,
         save_steps=config.save_steps,
-        report_to="none",
+        report_to=trainer_report_to(config.report_to),
         remove_unused_columns=False,
         seed=config.seed,
         use_cpu=config.device == "cpu" or not torch.cuda.is_available(),
@@ -172,7 +174,10 @@ def train_mote(
         args=args,
         data_collator=collator,
         train_dataset=dataset,
-        callbacks=[_EpochToCollator(collator)],
+        callbacks=[
+            _EpochToCollator(collator),
+            *report_callbacks(config.report_to, out, config.logging_dir),
+        ],
     )
     last = resume_point(checkpoints, _fingerprint(chains, base_model, config), config.resume)
     output = trainer.train(resume_from_checkpoint=last)
@@ -201,7 +206,9 @@ def train_mote(
 def _fingerprint(chains: Sequence[Chain], base_model: str | Path, config: MoteTrainConfig) -> str:
     """What a checkpoint depends on; checkpoints of other inputs are not resumed."""
     h = hashlib.sha256()
-    settings = config.model_dump(exclude={"resume", "progress", "logging_steps", "max_steps"})
+    settings = config.model_dump(
+        exclude={"resume", "progress", "logging_steps", "max_steps", "report_to", "logging_dir"}
+    )
     h.update(json.dumps([settings, str(Path(base_model).resolve())], sort_keys=True).encode())
     for chain in chains:
         h.update(chain.model_dump_json().encode())

@@ -28,7 +28,7 @@ from pydantic import AfterValidator, Field
 from selfalign.annotations.principles import Annotations, load_annotations
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
-from selfalign.stages.api import Batch, MapWork, Stage, StageContext
+from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.store import record_id
 from selfalign.text.answers import (
@@ -413,6 +413,15 @@ def run_aligned(ctx: StageContext):
     yield MapWork(items, cfg.chunk_size, answer, start=lambda: _check_bias(ctx, cfg))
 
 
+def estimate(cfg: AlignedConfig, ectx: EstimateContext) -> Estimate:
+    """One request per stage-1 prompt (``max_prompts`` at most): the principles and
+    exemplars, a typical prompt, up to ``max_new_tokens`` back; at most one record each."""
+    n = min(ectx.inputs("prompts"), cfg.max_prompts or ectx.inputs("prompts"))
+    prompt, _ = build(cfg)
+    per = ectx.count_tokens(prompt.prefix() + prompt.query_prompt("")) + ectx.typical_prompt_tokens
+    return Estimate(n, n * per, n * cfg.max_new_tokens, outputs=n)
+
+
 STAGE = Stage(
     "aligned",
     AlignedConfig,
@@ -420,4 +429,5 @@ STAGE = Stage(
     inputs=("prompts",),
     summarize=summarize,
     annotation_files=annotation_files,
+    estimate=estimate,
 )

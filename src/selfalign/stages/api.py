@@ -15,6 +15,9 @@ run already wrote, shows progress, records rounds and renames built models into 
   survives a kill (training resumes from its checkpoints there), renames it to the stage's
   ``artifact`` path once built and records it in the manifest; later stages ask
   ``ctx.artifact(stage)`` for it instead of guessing a path.
+
+A stage may also say, before it runs, how much work it will be (``Stage.estimate``: an
+``Estimate`` from its settings' sizes; ``run --dry-run`` prints it).
 """
 
 from __future__ import annotations
@@ -77,6 +80,49 @@ class Artifact:
     examples: int = 0
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """Rough upper bounds on a stage's work, from its settings' sizes: requests and tokens
+    it may send to its backend, examples it may train on, and ``outputs``, the records it
+    may pass downstream (what a later stage's estimate reads). ``note``: what the bounds
+    rest on, when a reader should know (a loop's cap, say)."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    train_examples: int | None = None
+    outputs: int = 0
+    note: str | None = None
+
+    def __add__(self, other: Estimate) -> Estimate:
+        trains = [n for n in (self.train_examples, other.train_examples) if n is not None]
+        notes = [n for n in (self.note, other.note) if n]
+        return Estimate(
+            self.requests + other.requests,
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+            sum(trains) if trains else None,
+            self.outputs + other.outputs,
+            "; ".join(notes) or None,
+        )
+
+
+@dataclass(frozen=True)
+class EstimateContext:
+    """What an estimate may use: the run's settings; the records each upstream stage
+    passes on (its real count when complete, else its own estimate); a token counter
+    (the run model's tokenizer, else about four characters a token); and the tokens of a
+    typical user prompt (the shipped seed tasks' mean), for prompts not written yet."""
+
+    run: RunConfig
+    upstream: dict[str, int]
+    count_tokens: Callable[[str], int]
+    typical_prompt_tokens: int
+
+    def inputs(self, name: str) -> int:
+        return self.upstream.get(name, 0)
+
+
 Work = Batch | MapWork | Round | Artifact
 StageFn = Callable[["StageContext"], Iterator[Work]]
 
@@ -97,6 +143,8 @@ class Stage:
     artifact: str | None = None
     # settings -> the upstream stages this configuration reads (default: ``inputs``)
     inputs_of: Callable[[Any], tuple[str, ...]] | None = None
+    # (settings, EstimateContext) -> Estimate: how much work the stage will be (dry-run)
+    estimate: Callable[[Any, EstimateContext], Estimate] | None = None
     version: int = 1
 
     def needs(self, config: StageConfig) -> tuple[str, ...]:

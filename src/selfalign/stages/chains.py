@@ -45,7 +45,7 @@ from pydantic import BeforeValidator, Field
 from selfalign.backends import GenerationRequest, SamplingParams, ScoreRequest
 from selfalign.config import StageConfig
 from selfalign.errors import InputError
-from selfalign.stages.api import Batch, MapWork, Stage, StageContext
+from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.store import read_jsonl_numbered, record_id
 from selfalign.text.aligncot import (
     CHAIN_SYSTEM,
@@ -423,4 +423,29 @@ def run_chains(ctx: StageContext) -> Iterator[MapWork]:
     yield MapWork(chain_queries(cfg), cfg.chunk_size, write, start=start)
 
 
-STAGE = Stage("chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files)
+SAMPLE = 64  # queries whose tokens are counted; the rest are taken to be of their mean size
+
+
+def estimate(cfg: ChainsConfig, ectx: EstimateContext) -> Estimate:
+    """Per query at most three rounds: five steps written (three answers, the analysis,
+    the guidance), later ones reading the earlier steps, and three self-checks (two scored
+    verdicts each under ``check: likelihood``); one record each."""
+    queries = list(chain_queries(cfg).values())
+    n, m = len(queries), cfg.max_new_tokens
+    count = ectx.count_tokens
+    sample = queries[:SAMPLE]
+    step = sum(count(CHAIN_SYSTEM + chain_prompt(q.text, "answer")) for q in sample) / len(sample)
+    check = sum(count(CHECK_SYSTEM + check_prompt(q.text, "", cfg.check)) for q in sample)
+    check /= len(sample)
+    # steps: 5 prompts, plus the analysis read 3 times and the guidance once, all <= m
+    prompt = n * (5 * step + 4 * m) + n * 3 * (check + m) * (2 if cfg.check == "likelihood" else 1)
+    checks = n * 3 * (2 if cfg.check == "likelihood" else 1)
+    completion = n * 5 * m + (n * 3 * cfg.check_max_new_tokens if cfg.check == "generate" else 0)
+    note = None
+    if cfg.check == "likelihood":
+        note = f"{checks:,} scored self-checks generate nothing: their time is not estimated"
+    return Estimate(n * 5 + checks, round(prompt), completion, outputs=n, note=note)
+
+
+STAGE = Stage("chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files,
+              estimate=estimate)  # fmt: skip

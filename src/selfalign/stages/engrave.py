@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
-from selfalign.stages.api import Artifact, Stage, StageContext
+from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, StageContext
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
@@ -23,6 +23,7 @@ from selfalign.stages.training import (
     train_model,
     training_summary,
 )
+from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_stats
 from selfalign.train.config import TrainConfig
 
 
@@ -36,6 +37,7 @@ class EngraveConfig(StageConfig):
     max_examples: int | None = Field(
         None, gt=0, description="train on N pairs drawn at random (run seed) from all of them"
     )
+    turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
 
 
 def training_pairs(records: list[dict], max_examples: int | None, seed: int) -> list[dict]:
@@ -49,7 +51,7 @@ def training_pairs(records: list[dict], max_examples: int | None, seed: int) -> 
 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
-    return training_summary(ctx.artifact())
+    return {**training_summary(ctx.artifact()), **turn_end_stats(ctx)}
 
 
 def run_engrave(ctx: StageContext) -> Iterator[Artifact]:
@@ -65,9 +67,16 @@ def run_engrave(ctx: StageContext) -> Iterator[Artifact]:
                     cfg.launch)  # fmt: skip
 
     yield Artifact(build, examples=len(pairs))
+    check_turn_end(ctx, ctx.artifact(), cfg.turn_end)
+
+
+def estimate(cfg: EngraveConfig, ectx: EstimateContext) -> Estimate:
+    """No generation: it trains on stage 2's kept pairs (``max_examples`` at most)."""
+    n = ectx.inputs("aligned")
+    return Estimate(train_examples=min(n, cfg.max_examples or n))
 
 
 STAGE = Stage(
     "engraved", EngraveConfig, run_engrave, inputs=("aligned",), summarize=_summary,
-    artifact="engraved",
+    artifact="engraved", estimate=estimate,
 )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +21,7 @@ from pydantic import Field, model_validator
 from selfalign.backends import BackendConfig
 from selfalign.config import StageConfig
 from selfalign.eval.heldout import KINDS
-from selfalign.stages.api import Batch, MapWork, Stage, StageContext
+from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.training import PLAIN_SYSTEM_TEXT, train_log, trained_backend
 from selfalign.store import atomic_write_json
 from selfalign.validation import ExistingPath, StrictModel, load_yaml
@@ -142,6 +143,7 @@ def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
             system_text=trained_system_text(ctx, source) or base_system_text(ctx, cfg),
             max_new_tokens=settings.max_new_tokens,
             icl=stage_prompt(ctx) if model == "base_icl" else None,
+            chat=model in ("engraved", "final"),
         )  # fmt: skip
     metrics = heldout_metrics(rows)
     return {"benchmark": "heldout", "protocol": "greedy", "model": model, "metrics": metrics,
@@ -202,6 +204,96 @@ def run_eval(ctx: StageContext) -> Iterator[MapWork]:
     yield MapWork(eval_jobs(cfg), 1, run_jobs)
 
 
+SAMPLE = 32  # benchmark items whose tokens are counted; the rest are taken to be of their mean
+
+
+def _scaled(rows: list, per_row) -> tuple[int, int]:
+    """(requests, prompt tokens) over ``rows``, counted on a sample and scaled up."""
+    sample = rows[:SAMPLE]
+    if not sample:
+        return 0, 0
+    counted = [per_row(r) for r in sample]
+    scale = len(rows) / len(sample)
+    return round(sum(c[0] for c in counted) * scale), round(sum(c[1] for c in counted) * scale)
+
+
+def _job_estimate(cfg: EvalStageConfig, job: Job, ectx: EstimateContext) -> Estimate:
+    from selfalign.chat_format import render_prompt
+
+    model, name, benchmark, protocol = job
+    count = ectx.count_tokens
+    if benchmark == "heldout":
+        from selfalign.eval.heldout import THOUGHTS_TOKENS, load_heldout
+
+        settings: HeldoutSettings = cfg.heldout  # type: ignore[assignment]
+        prompts = [p for p in load_heldout(settings.prompts)
+                   if settings.kinds is None or p["kind"] in settings.kinds]  # fmt: skip
+        system = PLAIN_SYSTEM_TEXT.replace("{name}", ectx.run.assistant_name)
+        budget = settings.max_new_tokens
+        if name == "base_icl":
+            from selfalign.stages.aligned import AlignedConfig, build
+
+            icl = build(AlignedConfig())[0]
+            per = [count(icl.prefix() + icl.query_prompt(p["prompt"])) for p in prompts]
+            budget += THOUGHTS_TOKENS
+        else:
+            per = [count(render_prompt(system, p["prompt"])) for p in prompts]
+        return Estimate(len(per), sum(per), len(per) * budget)
+    if benchmark == "truthfulqa":
+        from selfalign.eval.truthfulqa import (
+            FALSE,
+            TARGET_DELIMITER,
+            TRUE,
+            dromedary_context,
+            lm_eval_context,
+            load_truthfulqa,
+        )
+
+        settings_q: TruthfulQASettings = cfg.truthfulqa  # type: ignore[assignment]
+        questions = load_truthfulqa(settings_q.data)[: settings_q.limit]
+        if protocol == "lm-eval":
+
+            def row(q):  # each distinct choice scored once after the question's context
+                choices = set(q.mc1_choices) | set(q.mc2_choices)
+                context = count(lm_eval_context(q.question))
+                return len(choices), sum(context + count(TARGET_DELIMITER + c) for c in choices)
+        else:
+
+            def row(q):  # " true" and " false" after each MC1 candidate
+                return 2 * len(q.mc1_choices), sum(
+                    count(dromedary_context(q.question, c)) + count(w)
+                    for c in q.mc1_choices
+                    for w in (TRUE, FALSE)
+                )
+
+        requests, prompt = _scaled(questions, row)
+        return Estimate(requests, prompt)
+    from selfalign.eval.hhh import LETTERS, hhh_context, load_hhh
+
+    settings_h: HHHSettings = cfg.hhh  # type: ignore[assignment]
+    examples = load_hhh(settings_h.data)[: settings_h.limit]
+    requests, prompt = _scaled(  # both orders, each letter scored after each
+        examples,
+        lambda ex: (4, 2 * sum(count(hhh_context(ex.input, *ex.responses)) + count(w)
+                               for w in LETTERS)),
+    )  # fmt: skip
+    return Estimate(requests, prompt)
+
+
+def estimate(cfg: EvalStageConfig, ectx: EstimateContext) -> Estimate:
+    """Held-out answers (up to ``max_new_tokens`` each, the stage-2 prompt's thoughts on
+    top for ``base_icl``) and scored benchmarks (no tokens generated), per model; one
+    result each."""
+    jobs = eval_jobs(cfg)
+    parts = {name: _job_estimate(cfg, job, ectx) for name, job in jobs.items()}
+    total = sum(parts.values(), Estimate(outputs=len(jobs)))
+    scored = sum(e.requests for name, e in parts.items() if jobs[name][2] != "heldout")
+    if scored:
+        note = f"{scored:,} scored requests generate nothing: their time is not estimated"
+        return replace(total, note=note)
+    return total
+
+
 STAGE = Stage(
     "eval",
     EvalStageConfig,
@@ -209,4 +301,5 @@ STAGE = Stage(
     inputs_of=model_stages,
     summarize=_summary,
     data_files=_data_files,
+    estimate=estimate,
 )

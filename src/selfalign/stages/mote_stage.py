@@ -28,7 +28,15 @@ from pydantic import Field
 
 from selfalign.config import StageConfig
 from selfalign.mote.config import METRICS_FILE, MoteTrainConfig
-from selfalign.stages.api import Artifact, Batch, MapWork, Stage, StageContext
+from selfalign.stages.api import (
+    Artifact,
+    Batch,
+    Estimate,
+    EstimateContext,
+    MapWork,
+    Stage,
+    StageContext,
+)
 from selfalign.stages.chains import load_queries
 from selfalign.stages.training import base_model_dir
 from selfalign.store import record_id
@@ -165,7 +173,23 @@ def _answers(ctx: StageContext, settings: AnswerSettings) -> MapWork[str]:
     return MapWork(items, settings.chunk_size, answer, start=load)
 
 
+def estimate(cfg: MoteStageConfig, ectx: EstimateContext) -> Estimate:
+    """Trains on the kept chains (``max_chains`` at most); then answers its questions in
+    process (not through a backend), up to ``answer.max_new_tokens`` each."""
+    chains = ectx.inputs("chains")
+    train = Estimate(train_examples=min(chains, cfg.max_chains or chains))
+    settings: AnswerSettings = cfg.answer
+    if not settings.enabled:
+        return train
+    if settings.questions is not None:
+        n = len(load_queries(settings.questions, settings.limit))
+    else:
+        n = min(chains, settings.limit or chains)
+    per = ectx.typical_prompt_tokens
+    return train + Estimate(n, n * per, n * settings.max_new_tokens, outputs=n)
+
+
 STAGE = Stage(
     "mote", MoteStageConfig, run_mote, inputs=("chains",), summarize=summarize,
-    artifact="mote/model",
+    artifact="mote/model", estimate=estimate,
 )  # fmt: skip

@@ -24,9 +24,13 @@ from selfalign.annotations.loaders import (
     load_seed_tasks,
 )
 from selfalign.config import StageConfig
-from selfalign.stages.api import ROUNDS, Stage, StageContext
-from selfalign.stages.self_instruct import SelfInstructConfig, run_self_instruct
-from selfalign.stages.tgrt import TOPIC_PHASE, TOPICS, TGRTConfig, run_tgrt
+from selfalign.stages.api import ROUNDS, Estimate, EstimateContext, Stage, StageContext
+from selfalign.stages.self_instruct import (
+    SelfInstructConfig,
+    estimate_self_instruct,
+    run_self_instruct,
+)
+from selfalign.stages.tgrt import TOPIC_PHASE, TOPICS, TGRTConfig, estimate_tgrt, run_tgrt
 from selfalign.store import stable_hash
 
 
@@ -108,5 +112,16 @@ def run_prompts(ctx: StageContext):
         yield from run_tgrt(ctx, tg, types)
 
 
+def estimate(cfg: PromptsConfig, ectx: EstimateContext) -> Estimate:
+    """Self-Instruct's and TGRT's bounds added (see their ``estimate_*``)."""
+    si, tg = cfg.self_instruct, cfg.tgrt
+    total = Estimate()
+    if si.enabled:
+        total += estimate_self_instruct(si, load_seed_tasks(si.seed_tasks), ectx.count_tokens)
+    if tg.enabled:
+        total += estimate_tgrt(tg, load_redteam_types(tg.types_file), ectx.count_tokens)
+    return total
+
+
 STAGE = Stage("prompts", PromptsConfig, run_prompts, summarize=summarize,
-              annotation_files=annotation_files)  # fmt: skip
+              annotation_files=annotation_files, estimate=estimate)  # fmt: skip

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,7 +25,7 @@ from pydantic import Field
 
 from selfalign.annotations.loaders import SeedTask
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.stages.api import Batch, Round, StageContext
+from selfalign.stages.api import Batch, Estimate, Round, StageContext
 from selfalign.store import record_id
 from selfalign.text.parsing import (
     DEFAULT_BLACKLIST,
@@ -230,3 +230,19 @@ def run_self_instruct(
         ctx.log(f"self-instruct round {round_no}: kept {n_kept}/{cfg.num_prompts}")
         round_no += 1
     return True
+
+
+def estimate_self_instruct(
+    cfg: SelfInstructConfig, seeds: Sequence[SeedTask], count: Callable[[str], int]
+) -> Estimate:
+    """At most ``round_cap`` rounds of ``requests_per_round`` requests, each a list of
+    ``num_examples`` seed-sized tasks and up to ``max_new_tokens`` back; the loop stops
+    once ``num_prompts`` are kept, usually long before the cap."""
+    requests = cfg.round_cap() * cfg.requests_per_round
+    prompt, _ = list_prompt(HEADER, [(s.instruction, s.input) for s in seeds[: cfg.num_examples]])
+    return Estimate(
+        requests, requests * count(prompt), requests * cfg.max_new_tokens,
+        outputs=cfg.num_prompts,
+        note=f"self-instruct: at most {cfg.round_cap()} round(s), it stops once "
+        f"{cfg.num_prompts} prompts are kept",
+    )  # fmt: skip

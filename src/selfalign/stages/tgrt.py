@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from pydantic import Field
 
 from selfalign.annotations.loaders import RedTeamSeed
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
-from selfalign.stages.api import Batch, MapWork, Round, StageContext
+from selfalign.stages.api import Batch, Estimate, MapWork, Round, StageContext
 from selfalign.store import record_id
 from selfalign.text.parsing import ItemFilter
 from selfalign.validation import ExistingPath, StrictModel
@@ -302,3 +302,27 @@ def run_tgrt(
     if cut.drop:
         yield cut
     yield question_work(ctx, cfg, seeds, balanced)
+
+
+def estimate_tgrt(
+    cfg: TGRTConfig, seeds: Sequence[RedTeamSeed], count: Callable[[str], int]
+) -> Estimate:
+    """Brainstorm: at most ``topic_rounds`` rounds of ``topic_requests_per_type`` requests
+    per type (it stops once every type has ``topics_per_type`` topics); then one question
+    per kept (type, topic), at most ``topics_per_type`` per type."""
+    if not seeds:
+        return Estimate()
+    kinds = list(dict.fromkeys(s.type for s in seeds))
+    shown = [s.topic for s in seeds[: cfg.topic_examples]]
+    topic_requests = cfg.topic_rounds * len(kinds) * cfg.topic_requests_per_type
+    questions = len(kinds) * cfg.topics_per_type
+    examples = list(seeds[: cfg.question_examples])
+    question = question_prompt(examples, seeds[0].type, seeds[0].topic)
+    return Estimate(
+        topic_requests + questions,
+        topic_requests * count(topic_prompt(kinds[0], shown)) + questions * count(question),
+        topic_requests * cfg.topic_max_new_tokens + questions * cfg.question_max_new_tokens,
+        outputs=questions,
+        note=f"tgrt: at most {cfg.topic_rounds} topic round(s), it stops once every type has "
+        f"{cfg.topics_per_type} topics",
+    )

@@ -53,7 +53,14 @@ def train_log(model_dir: Path) -> dict[str, Any]:
 
 def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
     """How to generate with a model a training stage built: its merged weights, else the
-    base model with its LoRA adapter, else (full fine-tuning) the folder's own weights."""
+    base model with its LoRA adapter, else (full fine-tuning) the folder's own weights.
+
+    Merged weights (``merge: true``) are the trained model: for QLoRA the adapter folded
+    into the dequantised NF4 base it was trained on (``train_log.json``'s ``merge`` says how,
+    and how close). Without them the backend loads the base unquantised, in its own dtype
+    (hf: bf16 on a GPU, fp32 on CPU; vLLM: the model's), and applies the adapter on top,
+    unmerged: for a QLoRA adapter that base is the original weights, not the 4-bit ones it
+    was trained against, so generation differs from training by the quantisation error."""
     if (model_dir / MERGED_SUBDIR).is_dir():
         return base.model_copy(update={"model": str(model_dir / MERGED_SUBDIR)})
     if (model_dir / "adapter_config.json").is_file():
@@ -66,7 +73,7 @@ def training_summary(model_dir: Path) -> dict[str, Any]:
     log = train_log(model_dir)
     keep = ("method", "global_step", "examples", "dropped", "truncated", "global_batch",
             "optimizer_steps", "warmup_steps", "final_loss", "runtime_s", "resumed_from",
-            "processes", "warnings")  # fmt: skip
+            "processes", "warnings", "template_check", "train_tokens", "merge")  # fmt: skip
     return {k: log[k] for k in keep if k in log}
 
 

@@ -12,8 +12,7 @@ assistant is ``verbose/model`` (merged weights: plain ``from_pretrained``, ``vll
 from __future__ import annotations
 
 import re
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,17 +24,27 @@ from selfalign.backends import BackendConfig, GenerationRequest, SamplingParams
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
 from selfalign.errors import InputError
-from selfalign.stages.api import Artifact, Batch, MapWork, Stage, StageContext
+from selfalign.stages.api import (
+    Artifact,
+    Batch,
+    Estimate,
+    EstimateContext,
+    MapWork,
+    Stage,
+    StageContext,
+)
 from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
+    train_log,
     train_model,
     trained_backend,
     training_summary,
 )
-from selfalign.store import record_id
+from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_stats
+from selfalign.store import atomic_write_json, record_id
 from selfalign.text.answers import is_truncated, words
 from selfalign.text.thoughts import THOUGHTS_TAG
 from selfalign.train.config import TrainConfig
@@ -109,6 +118,7 @@ class VerboseConfig(StageConfig):
     batch_size: int = Field(16, gt=0, description="prompts sent to the backend at once")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_length=768))
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
 
 
 def annotation_files(cfg: VerboseConfig) -> list[Path]:
@@ -198,7 +208,7 @@ def length_ratio(verbose: list[dict], aligned: list[dict]) -> tuple[float, int] 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
     lengths = sorted(len(words(r["answer"])) for r in records)
-    stats = training_summary(ctx.artifact())
+    stats = {**training_summary(ctx.artifact()), **turn_end_stats(ctx)}
     if lengths:
         stats["answer_words_mean"] = round(sum(lengths) / len(lengths), 1)
         stats["answer_words_median"] = lengths[len(lengths) // 2]
@@ -229,6 +239,42 @@ def teacher_prefix(cfg: VerboseConfig) -> str:
     return text.replace("{name}", cfg.assistant_name)
 
 
+def teacher_turns(ctx: StageContext, cfg: VerboseConfig) -> tuple[str, Callable[[str], str]]:
+    """(shared prefix, question -> the rest of the prompt) for the teacher. In our format
+    the text is built here; an engraved model trained with another chat template is
+    prompted through that template (the same system text and exemplar turn pair). A teacher
+    the stage's own backend block serves is prompted in our format."""
+    served = ctx.config.backend is not None
+    if served or train_log(ctx.artifact("engraved"))["config"].get("chat_template") in (
+        None,
+        "selfalign",
+    ):
+        return teacher_prefix(cfg), lambda q: user_turn(q) + TURN_SEP + ASSISTANT_TAG + "\n"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ctx.artifact("engraved"))
+    ex = load_exemplar(cfg.exemplar)
+    system = cfg.verbose_system_text.replace("{name}", cfg.assistant_name)
+    turns = [{"role": "system", "content": system}, {"role": "user", "content": ex.user},
+             {"role": "assistant", "content": ex.answer.strip()}]  # fmt: skip
+
+    def render(messages: list[dict[str, str]], **kwargs: bool) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        bos = tokenizer.bos_token or ""  # backends put the tokenizer's own BOS first
+        return text[len(bos) :] if bos and text.startswith(bos) else text
+
+    prefix = render(turns)
+
+    def prompt(question: str) -> str:
+        whole = render([*turns, {"role": "user", "content": question}], add_generation_prompt=True)
+        if not whole.startswith(prefix):
+            raise InputError("the engraved model's chat template does not render earlier turns "
+                             "the same when a turn follows", field="stages.engraved.train.chat_template")  # fmt: skip
+        return whole[len(prefix) :]
+
+    return prefix, prompt
+
+
 def _warn_if_not_verbose(ctx: StageContext, records: list[dict[str, Any]]) -> None:
     ratio = length_ratio(records, ctx.inputs("aligned"))
     if ratio is not None and ratio[0] < MIN_LENGTH_RATIO:
@@ -247,13 +293,13 @@ def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
         ngram_penalties=tuple(sorted(cfg.ngram_penalties.items())),
         repetition_penalty=cfg.repetition_penalty,
     )  # fmt: skip
-    prefix = teacher_prefix(cfg)
+    prefix, prompt_for = teacher_turns(ctx, cfg)
 
     def answer(chunk: list[tuple[str, tuple[str, str]]]) -> Batch:
         requests = [
             GenerationRequest(
                 prefix=prefix,
-                prompt=user_turn(question) + TURN_SEP + ASSISTANT_TAG + "\n",
+                prompt=prompt_for(question),
                 params=params,
                 seed=ctx.seed_for(pid),
             )  # fmt: skip
@@ -282,6 +328,7 @@ def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
     if not kept:
         raise RuntimeError("the teacher's answers were all dropped: nothing to clone")
     yield Artifact(lambda folder: train_student(ctx, cfg, kept, folder), examples=len(kept))
+    check_turn_end(ctx, ctx.artifact(), cfg.turn_end)
 
 
 def train_student(ctx: StageContext, cfg: VerboseConfig, kept: list[dict], folder: Path) -> None:
@@ -293,16 +340,30 @@ def train_student(ctx: StageContext, cfg: VerboseConfig, kept: list[dict], folde
     if cfg.train.method == "full":
         train_model(kept, base, folder, cfg.train, system_text, cfg.launch)
         return
-    import torch
-
-    from selfalign.train.export import merge_adapter
+    from selfalign.train.export import check_texts, merge_and_check, merge_warnings
+    from selfalign.train.model import merge_dtype
 
     adapter = ctx.dir / "adapter"
     train_model(kept, base, adapter, cfg.train.model_copy(update={"merge": False}), system_text,
                 cfg.launch)  # fmt: skip
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    merge_adapter(adapter, folder, dtype=dtype)
-    shutil.copy2(adapter / TRAIN_LOG, folder / TRAIN_LOG)
+    log = train_log(adapter)
+    merge = merge_and_check(
+        adapter, folder, dtype=merge_dtype(log["method"], log["precision"]),
+        quantized=log["method"] == "qlora", texts=check_texts(adapter, kept, system_text),
+    )  # fmt: skip
+    log["warnings"] = [*log.get("warnings", []), *merge_warnings(merge)]
+    atomic_write_json(folder / TRAIN_LOG, {**log, "merge": merge})
+
+
+def estimate(cfg: VerboseConfig, ectx: EstimateContext) -> Estimate:
+    """One teacher request per prompt (``prompts_from``, ``max_prompts`` at most): the
+    verbose prefix, a typical prompt, up to ``max_new_tokens`` back; the student trains
+    on at most as many answers."""
+    n = ectx.inputs(cfg.prompts_from)
+    n = min(n, cfg.max_prompts or n)
+    turn = user_turn("") + TURN_SEP + ASSISTANT_TAG + "\n"
+    per = ectx.count_tokens(teacher_prefix(cfg) + turn) + ectx.typical_prompt_tokens
+    return Estimate(n, n * per, n * cfg.max_new_tokens, train_examples=n, outputs=n)
 
 
 STAGE = Stage(
@@ -313,4 +374,5 @@ STAGE = Stage(
     summarize=_summary,
     annotation_files=annotation_files,
     artifact="verbose/model",
+    estimate=estimate,
 )

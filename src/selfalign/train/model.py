@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from selfalign.errors import InputError
 from selfalign.train.config import TrainConfig
@@ -46,6 +46,26 @@ def check_method(config: TrainConfig) -> None:
         )
 
 
+def merge_dtype(method: str, precision: str) -> torch.dtype:
+    """The dtype a trained LoRA is merged in: the training precision; for QLoRA the 4-bit
+    weights' compute dtype (bf16, or fp16 when asked), never 4-bit."""
+    if method == "qlora":
+        return _DTYPES["fp16" if precision == "fp16" else "bf16"]
+    return _DTYPES[precision]
+
+
+def qlora_quantization(compute: torch.dtype) -> BitsAndBytesConfig:
+    """QLoRA's base: NF4 with double quantisation; quantising is deterministic, so loading
+    with the same settings again gives the very 4-bit weights training saw."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,  # lets FSDP shard the 4-bit weights
+    )
+
+
 def check_base_model(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise InputError("not a Hugging Face model directory (no config.json)", file=path)
@@ -57,19 +77,11 @@ def load_base_model(path: Path, config: TrainConfig, precision: str) -> PreTrain
     if config.method == "qlora":
         from accelerate import PartialState
         from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
 
-        compute = _DTYPES["fp16" if precision == "fp16" else "bf16"]
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
-            bnb_4bit_quant_storage=compute,  # lets FSDP shard the 4-bit weights
-        )
+        compute = merge_dtype(config.method, precision)
         model = AutoModelForCausalLM.from_pretrained(
             path,
-            quantization_config=quant,
+            quantization_config=qlora_quantization(compute),
             dtype=compute,
             device_map={"": PartialState().local_process_index},
         )

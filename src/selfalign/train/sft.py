@@ -8,6 +8,7 @@
       tokenizer files + chat template                  # selfalign's format, system text built in
       train_log.json                                   # config, counts, warnings, per-step losses
       merged/                                          # with merge: true; plain HF model dir
+      logs/                                            # with report_to: [tensorboard]
       checkpoints/checkpoint-N/                        # while training (kept if asked)
 
 A killed training run again with the same inputs resumes from its last checkpoint (model,
@@ -33,7 +34,6 @@ from accelerate import PartialState
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import SFTConfig, SFTTrainer
 
-from selfalign.chat_format import chat_template
 from selfalign.errors import InputError
 from selfalign.train.checkpoints import resume_point
 from selfalign.train.config import TrainConfig
@@ -41,24 +41,29 @@ from selfalign.train.data import conversation_dataset, to_conversation, validate
 from selfalign.train.export import (
     MERGED_SUBDIR,
     TRAIN_LOG,
+    check_texts,
     loss_history,
-    merge_adapter,
+    merge_and_check,
+    merge_warnings,
     write_json_atomic,
 )
 from selfalign.train.model import (
-    _DTYPES,
     check_base_model,
     check_method,
     load_base_model,
     lora_config,
+    merge_dtype,
     resolve_precision,
 )
+from selfalign.train.reporting import report_callbacks, trainer_report_to
+from selfalign.train.template import apply_template, choose_template, template_round_trip
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # Settings that do not change what the training computes (safe to differ on resume).
-_NOT_FINGERPRINTED = {"resume", "keep_checkpoints", "merge", "save_total_limit", "logging_steps"}
+_NOT_FINGERPRINTED = {"resume", "keep_checkpoints", "merge", "save_total_limit", "logging_steps",
+                      "report_to", "logging_dir"}  # fmt: skip
 # Fewer optimizer steps than this is hardly a schedule (warm-up and decay over a handful).
 MIN_OPTIMIZER_STEPS = 10
 
@@ -80,6 +85,8 @@ class TrainResult:
     runtime_s: float
     resumed_from: str | None
     history: list[dict] = field(default_factory=list)
+    train_tokens: int = 0  # tokens of the examples trained on, one epoch (the cost's view)
+    merge: dict | None = None  # how merged/ was made and how close it is (merge_and_check)
 
     def summary(self) -> dict:
         data = asdict(self)
@@ -94,7 +101,7 @@ def load_tokenizer(
     """The base tokenizer with the chat template training uses (saved with the output):
     ours writes ``system_text`` when a conversation has no system message."""
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    tokenizer.chat_template = config.chat_template or chat_template(system_text)
+    apply_template(tokenizer, choose_template(config.chat_template, system_text))
     return tokenizer
 
 
@@ -109,6 +116,7 @@ class TrainPlan:
     optimizer_steps: int
     warmup_steps: int
     warnings: list[str]
+    tokens: int = 0  # of the kept examples after truncation to max_length, one epoch
 
 
 def token_lengths(
@@ -170,7 +178,8 @@ def plan_training(
         )
     if warmup >= steps:
         warnings.append(f"the warm-up ({warmup} steps) lasts the whole training ({steps} steps)")
-    return TrainPlan(kept, dropped, truncated, global_batch, steps, warmup, warnings)
+    tokens = sum(min(n, limit) for p, n in zip(prompts, full, strict=True) if p < limit)
+    return TrainPlan(kept, dropped, truncated, global_batch, steps, warmup, warnings, tokens)
 
 
 def world_size() -> int:
@@ -208,7 +217,7 @@ def sft_arguments(
         logging_steps=config.logging_steps,
         seed=config.seed,
         data_seed=config.seed,
-        report_to="none",
+        report_to=trainer_report_to(config.report_to),  # a missing package: InputError here
         # no accelerator: CPU processes (gloo under accelerate launch), never a silent no-DDP run
         ddp_find_unused_parameters=False,  # frozen weights do not require grad: nothing unused
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
@@ -249,7 +258,10 @@ def build_trainer(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(config),
-        callbacks=callbacks,
+        callbacks=[
+            *(callbacks or []),
+            *report_callbacks(config.report_to, out_dir, config.logging_dir),
+        ],
     )
 
 
@@ -304,6 +316,14 @@ def train_sft(
     trainer.save_model(str(out_dir))  # adapter (or full weights) + tokenizer, on the main process
 
     history = loss_history(trainer.state.log_history)
+    template_check = None
+    if is_main_process():
+        convs = [c["prompt"] + c["completion"] for c in conversation_dataset(examples, system_text)]
+        rows = list(trainer.train_dataset)
+        template_check = template_round_trip(out_dir, convs, rows, config.max_length)
+        if not template_check["ok"]:
+            log.warning("the saved chat template does not reproduce the trained ids: %s",
+                        template_check)  # fmt: skip
     result = TrainResult(
         model_dir=out_dir,
         merged_dir=None,
@@ -316,6 +336,7 @@ def train_sft(
         optimizer_steps=plan.optimizer_steps,
         warmup_steps=plan.warmup_steps,
         warnings=plan.warnings,
+        train_tokens=plan.tokens,
         final_loss=history[-1]["loss"] if history else None,
         runtime_s=0.0,
         resumed_from=resume_from,
@@ -327,8 +348,13 @@ def train_sft(
     del trainer  # free the training copy before merging reloads the base
     if state.is_main_process:
         if result.merged_dir is not None:
-            precision = resolve_precision(config)
-            merge_adapter(out_dir, result.merged_dir, dtype=_DTYPES[precision])
+            result.merge = merge_and_check(
+                out_dir, result.merged_dir,
+                dtype=merge_dtype(config.method, resolve_precision(config)),
+                quantized=config.method == "qlora",
+                texts=check_texts(out_dir, examples, system_text),
+            )  # fmt: skip
+            result.warnings.extend(merge_warnings(result.merge))
         if not config.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         result.runtime_s = round(time.monotonic() - started, 3)
@@ -339,6 +365,8 @@ def train_sft(
                 "base_model": str(base_model),
                 "system_text": system_text,
                 "processes": world_size(),
+                "precision": resolve_precision(config),
+                "template_check": template_check,
                 "config": config.model_dump(mode="json"),
             },
         )
