@@ -35,6 +35,17 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pretrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model pre-trained briefly on our formats (as ``demo --tiny`` makes it), so a
+    model trained from it writes answers that end: what stage tests need downstream."""
+    from selfalign.pretrain import pretrain_tiny
+
+    path = tmp_path_factory.mktemp("pretrained") / "model"
+    pretrain_tiny(path, steps=300, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
 def varied_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a wider init, so that greedy outputs differ between prompts
     and equality checks between backends compare real, non-constant text."""

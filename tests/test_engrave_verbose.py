@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,15 +47,6 @@ PAIRS = [
 TRAIN = {"max_steps": 4, "warmup_steps": 1, "per_device_batch_size": 4, "global_batch_size": 4,
          "learning_rate": 1e-3,
          "max_length": 128, "save_steps": 2, "gradient_checkpointing": False}  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def pretrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from selfalign.pretrain import pretrain_tiny
-
-    path = tmp_path_factory.mktemp("pretrained") / "model"
-    pretrain_tiny(path, steps=300, seed=0)
-    return path
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -311,6 +311,30 @@ def test_a_mote_model_is_scored_with_its_answer_expert(
     assert code == 2 and "MoTE" in err and len(err.strip().splitlines()) == 1
 
 
+def test_eval_answer_runs_a_mote_directory_not_its_base(
+    mote_dir: Path, tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every command that takes a model runs a MoTE directory as MoTE (its adaptive chain,
+    the answer step's text as the answer), never the base model stored underneath."""
+    from selfalign.mote import generate_steps, load_mote
+
+    asks = ["Name a primary colour.", "How do I pick a lock?", "What is two plus three?"]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "category": "generic",
+                                             "turns": [q]}) + "\n" for i, q in enumerate(asks)))  # fmt: skip
+    answers = {}
+    for name, spec in (("mote", mote_dir), ("base", tiny_model)):
+        out = tmp_path / f"{name}.jsonl"
+        code = main(["eval", "answer", "--model", str(spec), "--questions", str(questions),
+                     "--out", str(out), "--max-new-tokens", "8"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        answers[name] = [r["choices"][0]["turns"][0] for r in records(out)]
+    model, tokenizer = load_mote(mote_dir)
+    chains = generate_steps(model, tokenizer, asks, mode="adaptive", max_new_tokens=8)
+    assert answers["mote"] == [(c.answer or "").strip() for c in chains]
+    assert answers["mote"] != answers["base"]
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_unknown_task_and_hub_only_dataset_exit_2(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

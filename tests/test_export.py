@@ -40,15 +40,15 @@ TRUTHFULQA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthful
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    # The engraved teacher trains long enough (32 steps) to end its answers, so verbose
+def run_dir(pretrained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # A base that has seen our formats, whose engraved teacher ends its answers, so verbose
     # cloning keeps some; everything else is as small as the stages allow.
     stages = {
         "prompts": {"self_instruct": {"enabled": False}, "tgrt": {"enabled": False}},
         "aligned": {"max_new_tokens": 4},
         "engraved": {"train": {**TRAIN, "max_steps": 32, "learning_rate": 5e-3, "merge": True},
                      "turn_end": TURN_END},
-        "verbose": {"max_new_tokens": 16, "min_words": 1, "temperature": 0.0, "train": TRAIN,
+        "verbose": {"max_new_tokens": 48, "min_words": 1, "temperature": 0.0, "train": TRAIN,
                     "turn_end": TURN_END},
         "eval": {"heldout": {"kinds": ["benign"], "max_new_tokens": 8, "icl": False}},
     }  # fmt: skip
@@ -57,7 +57,7 @@ def run_dir(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                                         "limit": 2}  # fmt: skip
     root = tmp_path_factory.mktemp("export")
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump({"model": str(tiny_model), "stages": stages}))
+    config.write_text(yaml.safe_dump({"model": str(pretrained_model), "stages": stages}))
     run = root / "run"
     assert main(["run", str(config), "--out", str(run), "--until", "aligned"]) == 0
     prompts = [
@@ -84,7 +84,7 @@ def front_matter(path: Path) -> dict[str, Any]:
 
 
 def test_the_runner_writes_cards_for_every_model_and_record_set(
-    run_dir: Path, tiny_model: Path, tmp_path: Path
+    run_dir: Path, pretrained_model: Path, tmp_path: Path
 ) -> None:
     from datasets import load_dataset
 
@@ -93,7 +93,7 @@ def test_the_runner_writes_cards_for_every_model_and_record_set(
     }
     for folder, eval_name in MODELS.items():
         card = ModelCard.load(run_dir / folder / "README.md")
-        assert card.data.base_model == str(tiny_model)
+        assert card.data.base_model == str(pretrained_model)
         assert card.data.license == "other" and card.data.pipeline_tag == "text-generation"
         adapter = (run_dir / folder / "adapter_config.json").is_file()
         assert card.data.library_name == ("peft" if adapter else "transformers")
@@ -133,7 +133,7 @@ def expected_messages(stage: str, record: dict[str, Any], system: str) -> list[d
 
 
 def test_export_loads_back_with_datasets_and_from_pretrained(
-    run_dir: Path, tiny_model: Path, tmp_path: Path
+    run_dir: Path, pretrained_model: Path, tmp_path: Path
 ) -> None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -150,7 +150,7 @@ def test_export_loads_back_with_datasets_and_from_pretrained(
         assert (folder / "data" / "train-00000-of-00001.parquet").is_file()
         card = DatasetCard.load(folder / "README.md")
         assert card.data.configs[0]["data_files"][0]["path"].startswith("data/")
-        assert f"from `{tiny_model}`" in card.text
+        assert f"from `{pretrained_model}`" in card.text
         records = read_records(run_dir / stage / "records.jsonl")
         loaded = load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
         assert loaded["id"] == [r["id"] for r in records]
@@ -165,7 +165,10 @@ def test_export_loads_back_with_datasets_and_from_pretrained(
     for name in ("engraved", "final"):
         folder = out / "models" / name
         card = ModelCard.load(folder / "README.md")
-        assert card.data.base_model == str(tiny_model) and card.data.library_name == "transformers"
+        assert (
+            card.data.base_model == str(pretrained_model)
+            and card.data.library_name == "transformers"
+        )
         assert f'from_pretrained("{folder}")' in card.text
         model = AutoModelForCausalLM.from_pretrained(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -179,7 +182,7 @@ def test_export_loads_back_with_datasets_and_from_pretrained(
 
 
 def test_an_adapter_is_exported_when_the_run_did_not_merge(
-    run_dir: Path, tiny_model: Path, tmp_path: Path
+    run_dir: Path, pretrained_model: Path, tmp_path: Path
 ) -> None:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
@@ -191,9 +194,9 @@ def test_an_adapter_is_exported_when_the_run_did_not_merge(
     assert main(["export", str(run), str(out)]) == 0
     folder = out / "models" / "engraved"
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["base_model_name_or_path"] == str(tiny_model)  # local: loads offline
+    assert config["base_model_name_or_path"] == str(pretrained_model)  # local: loads offline
     card = ModelCard.load(folder / "README.md")
-    assert card.data.library_name == "peft" and card.data.base_model == str(tiny_model)
+    assert card.data.library_name == "peft" and card.data.base_model == str(pretrained_model)
     model = AutoPeftModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids = tokenizer("### User:\nHello\n\n### Assistant:\n", return_tensors="pt")

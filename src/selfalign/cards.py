@@ -49,9 +49,9 @@ from selfalign.run_view import (
     method_of,
     model_folders,
     record_sets,
-    trained_system_text,
 )
 from selfalign.stages.api import DROPPED, RECORDS
+from selfalign.stages.training import trained_system_text
 from selfalign.store import atomic_write_text
 
 CARD = "README.md"
@@ -283,7 +283,15 @@ def dataset_card(
 def write_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
     """(Re)write the card of every model folder and record set of the run's complete
     stages. A card that cannot be built is reported on stderr; the run goes on."""
-    run = load_run(run_dir, manifest)
+    try:
+        run = load_run(run_dir, manifest)
+        return _write_cards(run)
+    except Exception as e:  # cards are documentation: never fail a finished stage
+        print(f"[cards] could not write the cards: {type(e).__name__}: {e}", file=sys.stderr)
+        return []
+
+
+def _write_cards(run: RunView) -> list[Path]:
     folders = model_folders(run)
     jobs = [(f.path / CARD, lambda f=f: model_card(run, f)) for f in folders]
     models = {f.path for f in folders}
@@ -293,7 +301,7 @@ def write_cards(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
     for path, build in jobs:
         try:
             atomic_write_text(path, build())
-        except Exception as e:  # a card is documentation: never fail a finished stage
+        except Exception as e:  # one bad card does not stop the others
             print(f"[cards] could not write {path}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         written.append(path)

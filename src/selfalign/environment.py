@@ -44,25 +44,31 @@ def package_versions() -> dict[str, str]:
 
 
 def _devices() -> dict[str, Any]:
+    """Devices, without initialising CUDA in the runner process (``is_available`` and
+    ``device_count`` ask NVML; names come from ``nvidia-smi``): an initialised parent
+    holds GPU memory and makes vLLM fall back to spawning its workers."""
     import torch
 
     cuda: dict[str, Any] = {"available": torch.cuda.is_available()}
     if cuda["available"]:
-        cuda.update(
-            count=torch.cuda.device_count(),
-            names=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            capability=[
-                ".".join(map(str, torch.cuda.get_device_capability(i)))
-                for i in range(torch.cuda.device_count())
-            ],
-            cuda=torch.version.cuda,
-            cudnn=torch.backends.cudnn.version(),
-        )
+        cuda.update(count=torch.cuda.device_count(), gpus=_nvidia_smi(), cuda=torch.version.cuda)
     return {
         "cuda": cuda,
         "mps": torch.backends.mps.is_available(),
         "cpu_count": os.cpu_count(),
     }
+
+
+def _nvidia_smi() -> list[str]:
+    """``name, compute capability, driver`` of every GPU of the machine (empty if unknown)."""
+    import subprocess
+
+    query = ["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
 def _torch_numerics() -> dict[str, Any]:

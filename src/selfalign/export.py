@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.cards import CARD, dataset_card, model_card
-from selfalign.config import DEFAULT_ASSISTANT_NAME
 from selfalign.errors import InputError
 from selfalign.model_origin import is_hub_id
 from selfalign.run_view import (
@@ -46,11 +45,10 @@ from selfalign.run_view import (
     load_run,
     model_folders,
     record_sets,
-    trained_system_text,
 )
 from selfalign.stages.api import DROPPED, RECORDS
 from selfalign.stages.prompts import prompt_text
-from selfalign.stages.training import PLAIN_SYSTEM_TEXT
+from selfalign.stages.training import trained_system_text
 from selfalign.store import atomic_write_text, read_records
 
 SHARD = "train-00000-of-00001.parquet"
@@ -157,13 +155,7 @@ def system_text(run: RunView, stage: str) -> str | None:
     if trainer is None:
         return None
     artifact = run.stages.get(trainer, {}).get("artifact")
-    if artifact and (text := trained_system_text(run.run_dir / artifact)):
-        return text
-    cfg = run.stage_config(trainer)
-    if trainer == "mote":
-        return (cfg.get("train") or {}).get("system")
-    name = cfg.get("assistant_name") or run.config.get("assistant_name") or DEFAULT_ASSISTANT_NAME
-    return (cfg.get("system_text") or PLAIN_SYSTEM_TEXT).replace("{name}", name)
+    return trained_system_text(run.run_dir / artifact) if artifact else None
 
 
 def messages(record: dict[str, Any], system: str | None) -> list[dict[str, str]]:

@@ -18,20 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfalign.cost import Cost, format_money, run_costs, total_cost  # noqa: E402
-from selfalign.errors import InputError  # noqa: E402
-from selfalign.store import atomic_write_text, read_records  # noqa: E402
+from selfalign.store import atomic_write_text, read_manifest, read_records  # noqa: E402
 
 PLOTS_DIR = "report_files"
-
-
-def _load_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not path.is_file():
-        raise InputError("not a run directory (no manifest.json)", file=run_dir)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg})", file=path) from None
 
 
 def _save(fig: plt.Figure, out: Path) -> str:
@@ -340,7 +329,7 @@ def _cost_cells(cost: Cost) -> list[Any]:
 
 def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
-    stages = _load_manifest(run_dir).get("stages", {})
+    stages = read_manifest(run_dir).get("stages", {})
     plots = run_dir / PLOTS_DIR
     logs = {
         p.parent.relative_to(run_dir).as_posix(): json.loads(p.read_text(encoding="utf-8"))

@@ -14,16 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from selfalign.errors import InputError
 from selfalign.model_origin import ModelOrigin, model_origin
 from selfalign.registry import load_stage, stage_names
-from selfalign.stages.api import MANIFEST, RECORDS
+from selfalign.stages.api import RECORDS
+from selfalign.stages.evaluate import MODEL_STAGES
+from selfalign.store import read_manifest
 from selfalign.train.export import MERGED_SUBDIR
+from selfalign.validation import load_yaml
 
 # the eval stage's name for the model each training stage builds
-EVAL_NAMES = {"engraved": "engraved", "verbose": "final", "mote": "mote"}
+EVAL_NAMES = {stage: model for model, stage in MODEL_STAGES.items()}  # stage -> eval name
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,10 @@ def load_run(
 ) -> RunView:
     run_dir = Path(run_dir)
     if manifest is None:
-        if not (run_dir / MANIFEST).is_file() or not (run_dir / "config.yaml").is_file():
-            raise InputError("not a run directory (no manifest.json and config.yaml)", file=run_dir)
-        try:
-            manifest = json.loads((run_dir / MANIFEST).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON ({e.msg})", file=run_dir / MANIFEST) from None
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+        manifest = read_manifest(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise InputError("not a run directory (no config.yaml)", file=run_dir)
+    config = load_yaml(run_dir / "config.yaml") or {}
     if not isinstance(config, dict) or not config.get("model"):
         raise InputError("names no model", file=run_dir / "config.yaml", field="model")
     return RunView(run_dir, manifest, config, model_origin(str(config["model"]), base_hub_id))
@@ -129,18 +127,6 @@ def method_of(stages: list[str]) -> str:
     if any(s in ("chains", "mote") for s in stages):
         return "AlignCoT + MoTE"
     return "SELF-ALIGN"
-
-
-def trained_system_text(folder: Path) -> str | None:
-    """The system text a model was trained with, as its training wrote it down."""
-    for file, key in (("train_log.json", "system_text"), ("mote_config.json", "system")):
-        try:
-            value = json.loads((folder / file).read_text(encoding="utf-8")).get(key)
-        except (OSError, ValueError):
-            continue
-        if isinstance(value, str) and value:
-            return value
-    return None
 
 
 def chat_template(folder: Path) -> str | None:

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from selfalign.cost import format_money, format_seconds, format_tokens, run_costs, total_cost
 from selfalign.environment import compare
-from selfalign.errors import InputError
 from selfalign.registry import stage_names
-from selfalign.stages.api import MANIFEST, RECORDS
-from selfalign.store import read_records
+from selfalign.stages.api import RECORDS
+from selfalign.store import read_manifest, read_records
 from selfalign.validation import load_yaml
 
 
 def describe_run(run_dir: Path) -> str:
     run_dir = Path(run_dir)
-    manifest_path = run_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise InputError("not a run directory (no manifest.json)", file=run_dir)
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"invalid JSON ({e.msg})", file=manifest_path) from None
+    manifest = read_manifest(run_dir)
     configured: list[str] = []
     config_path = run_dir / "config.yaml"
     if config_path.is_file():

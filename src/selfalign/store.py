@@ -64,6 +64,17 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_manifest(run_dir: Path) -> dict[str, Any]:
+    """A run directory's ``manifest.json`` (only read: looking at a run never writes)."""
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise InputError("not a run directory (no manifest.json)", file=run_dir)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"invalid JSON ({e.msg})", file=path) from None
+
+
 def dumps_record(record: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from selfalign.backends.base import (
     Backend,
     GenerationRequest,
@@ -31,6 +33,19 @@ def load_backend(config: BackendConfig | str) -> Backend:
     if isinstance(config, str):
         config = BackendConfig(model=config)
     spec = parse_spec(config.model)
+    if spec.kind in ("hf", "vllm") and _is_mote(spec.path):
+        # never the bare base model underneath: the experts route per token
+        if spec.kind == "vllm" or config.adapter:
+            raise InputError(
+                "a MoTE model runs on the hf backend with no adapter (its experts route per "
+                "token); give the directory itself, or serve an export_merged_step copy",
+                field="model",
+            )
+        from selfalign.mote.backend import MoteBackend
+
+        return MoteBackend(
+            spec.path, batch_size=config.batch_size, dtype=config.dtype, device=config.device
+        )
     if spec.kind == "hf":
         if not spec.path.exists():
             raise InputError("model directory does not exist", file=spec.path)
@@ -73,3 +88,9 @@ def load_backend(config: BackendConfig | str) -> Backend:
             enforce_eager=config.enforce_eager,
         )
     raise InputError(f"unknown backend {spec.kind!r}", field="model")
+
+
+def _is_mote(path: Path | None) -> bool:
+    from selfalign.mote.config import is_mote_dir
+
+    return path is not None and path.is_dir() and is_mote_dir(path)

@@ -327,7 +327,7 @@ def lm_eval_tasks(
 ) -> None:
     """Any lm-evaluation-harness task through our backends (needs the lm-eval extra)."""
     from selfalign.backends import parse_spec
-    from selfalign.eval.lm_eval_run import harness_backend, require_lm_eval, run_lm_eval
+    from selfalign.eval.lm_eval_run import require_lm_eval, run_lm_eval
 
     require_lm_eval()
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -340,10 +340,7 @@ def lm_eval_tasks(
         raise InputError("model directory does not exist", file=spec.path, field="--model")
 
     def open_backend() -> Backend:
-        return harness_backend(
-            model, lambda: _backend(model, batch_size, dtype, device, api_key_env),
-            batch_size=batch_size, dtype=dtype, device=device,
-        )  # fmt: skip
+        return _backend(model, batch_size, dtype, device, api_key_env)
 
     from selfalign.eval.harness import RequestsFailed
 

@@ -223,13 +223,12 @@ class BackendLM(LM):
     ) -> str:
         """The chat rendered as text by the model's template, as lm-eval's HFLM does;
         a leading BOS is dropped, since the backends put it before every prompt."""
-        tokenizer = self._chat_tokenizer()
-        text = tokenizer.apply_chat_template(
-            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+        from selfalign.train.template import render_chat
+
+        return render_chat(
+            self._chat_tokenizer(), chat_history, add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
         )  # fmt: skip
-        bos = tokenizer.bos_token
-        return text[len(bos) :] if bos and text.startswith(bos) else text
 
     @property
     def tokenizer_name(self) -> str:

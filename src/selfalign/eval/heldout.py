@@ -68,6 +68,17 @@ def load_heldout(path: Path | None = None) -> list[dict[str, Any]]:
     return [row for _, row in rows]
 
 
+def chat_requests(
+    prompts: Sequence[dict[str, Any]], params: SamplingParams
+) -> list[GenerationRequest]:
+    """Each prompt as a one-turn chat: the model's own template renders it, with no system
+    message (a trained model's template supplies the text it was trained with)."""
+    return [
+        GenerationRequest("", params=params, messages=({"role": "user", "content": p["prompt"]},))
+        for p in prompts
+    ]
+
+
 def answer_heldout(
     backend: Backend,
     prompts: Sequence[dict[str, Any]],
@@ -92,12 +103,7 @@ def answer_heldout(
             GenerationRequest(icl.query_prompt(p["prompt"]), prefix, params) for p in prompts
         ]
     elif chat:
-        requests = [
-            GenerationRequest(
-                "", params=params, messages=({"role": "user", "content": p["prompt"]},)
-            )
-            for p in prompts
-        ]
+        requests = chat_requests(prompts, params)
     else:
         requests = [
             GenerationRequest(render_prompt(system_text, p["prompt"]), params=params)

@@ -126,28 +126,6 @@ def _offline(exc: BaseException) -> bool:
     return bool(names & wanted) or "couldn't reach" in str(exc).lower()
 
 
-def harness_backend(
-    spec: str, default: Callable[[], Backend], *, batch_size: int, dtype: str, device: str
-) -> Backend:
-    """The backend for ``spec``: a MoTE directory gets ``MoteBackend`` (its experts, never
-    the bare base model underneath), anything else ``default()``."""
-    from selfalign.backends.spec import parse_spec
-    from selfalign.mote.config import is_mote_dir
-
-    parsed = parse_spec(spec, field="--model")
-    if parsed.kind in ("hf", "vllm") and parsed.path is not None and is_mote_dir(parsed.path):
-        if parsed.kind == "vllm":
-            raise InputError(
-                "a MoTE model runs on the hf backend (its experts route per token); give the "
-                "directory without vllm:, or serve an export_merged_step copy",
-                field="--model",
-            )
-        from selfalign.mote.backend import MoteBackend
-
-        return MoteBackend(parsed.path, batch_size=batch_size, dtype=dtype, device=device)
-    return default()
-
-
 def _apply_overrides(tasks: dict[str, Any], num_fewshot: int | None, fewshot_seed: int) -> None:
     """What ``simple_evaluate`` does to each task: ``num_fewshot`` replaces a task's own
     number unless the task fixes it at 0; a task without one gets 0."""

@@ -10,7 +10,6 @@ it was trained with (its ``train_log.json``) and the base model a neutral one.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from selfalign.backends import BackendConfig
 from selfalign.config import StageConfig
 from selfalign.eval.heldout import KINDS
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
-from selfalign.stages.training import PLAIN_SYSTEM_TEXT, train_log, trained_backend
+from selfalign.stages.training import PLAIN_SYSTEM_TEXT, trained_backend, trained_system_text
 from selfalign.store import atomic_write_json
 from selfalign.validation import ExistingPath, StrictModel, load_yaml
 
@@ -80,23 +79,16 @@ def model_backend(ctx: StageContext, name: ModelName) -> BackendConfig:
     return trained_backend(ctx.backend_config(), ctx.artifact(MODEL_STAGES[name]))
 
 
-def trained_system_text(ctx: StageContext, name: ModelName) -> str | None:
+def model_system_text(ctx: StageContext, name: ModelName) -> str | None:
     """The system text ``name`` was trained with; None for the base model."""
-    if name == "base":
-        return None
-    if name == "mote":
-        from selfalign.mote.config import CONFIG_FILE
-
-        config = json.loads((ctx.artifact("mote") / CONFIG_FILE).read_text(encoding="utf-8"))
-        return config.get("system")
-    return train_log(ctx.artifact(MODEL_STAGES[name]))["system_text"]
+    return None if name == "base" else trained_system_text(ctx.artifact(MODEL_STAGES[name]))
 
 
 def base_system_text(ctx: StageContext, cfg: EvalStageConfig) -> str:
     """What the base model sees in the held-out answers: exactly the system text the
     first trained model was trained with (the prompt it learned to answer), else ours."""
     for name in cfg.models:
-        if name != "base" and (text := trained_system_text(ctx, name)):
+        if name != "base" and (text := model_system_text(ctx, name)):
             return text
     return PLAIN_SYSTEM_TEXT.replace("{name}", ctx.run.assistant_name)
 
@@ -140,7 +132,7 @@ def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
         source: ModelName = "base" if model == "base_icl" else model  # type: ignore[assignment]
         rows = answer_heldout(
             ctx.backend(model_backend(ctx, source), alone=True), prompts,
-            system_text=trained_system_text(ctx, source) or base_system_text(ctx, cfg),
+            system_text=model_system_text(ctx, source) or base_system_text(ctx, cfg),
             max_new_tokens=settings.max_new_tokens,
             icl=stage_prompt(ctx) if model == "base_icl" else None,
             chat=model in ("engraved", "final"),
@@ -182,7 +174,7 @@ def run_eval(ctx: StageContext) -> Iterator[MapWork]:
         if benchmark == "heldout":
             return heldout_job(ctx, cfg, name)
         backend = ctx.backend(model_backend(ctx, model), alone=True)
-        system = trained_system_text(ctx, model)
+        system = model_system_text(ctx, model)
         if benchmark == "truthfulqa":
             return evaluate_truthfulqa(
                 backend, cfg.truthfulqa.data, model=model, protocol=protocol,

@@ -51,6 +51,23 @@ def train_log(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / TRAIN_LOG).read_text(encoding="utf-8"))
 
 
+def trained_system_text(model_dir: Path) -> str | None:
+    """The system text a model was trained with, as its training wrote it down
+    (``train_log.json``; a MoTE model's config); a ``merged/`` folder's log is its
+    parent's. None when nothing says."""
+    from selfalign.mote.config import CONFIG_FILE as MOTE_CONFIG
+
+    folders = [model_dir, model_dir.parent] if model_dir.name == MERGED_SUBDIR else [model_dir]
+    for folder in folders:
+        for file, key in ((TRAIN_LOG, "system_text"), (MOTE_CONFIG, "system")):
+            path = folder / file
+            if path.is_file():
+                value = json.loads(path.read_text(encoding="utf-8")).get(key)
+                if isinstance(value, str) and value:
+                    return value
+    return None
+
+
 def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
     """How to generate with a model a training stage built: its merged weights, else the
     base model with its LoRA adapter, else (full fine-tuning) the folder's own weights.

@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
-from selfalign.backends import GenerationRequest, SamplingParams
+from selfalign.backends import SamplingParams, parse_spec
 from selfalign.chat_format import USER_TAG
 from selfalign.stages.api import StageContext
 from selfalign.stages.training import trained_backend
@@ -54,7 +54,7 @@ def check_turn_end(ctx: StageContext, model_dir: Path, check: TurnEndCheck) -> d
     backend = ctx.run.generation_backend()
     if check.prompts == 0:
         row["skipped"] = "turned off (turn_end.prompts: 0)"
-    elif backend.model.startswith("openai:"):
+    elif parse_spec(backend.model).kind == "openai":
         row["skipped"] = "the run's backend is a server, which cannot load the trained model"
     else:
         row.update(_answer(ctx, trained_backend(backend, model_dir), check))
@@ -69,14 +69,11 @@ def check_turn_end(ctx: StageContext, model_dir: Path, check: TurnEndCheck) -> d
 
 
 def _answer(ctx: StageContext, backend_config: Any, check: TurnEndCheck) -> dict[str, Any]:
-    from selfalign.eval.heldout import load_heldout
+    from selfalign.eval.heldout import chat_requests, load_heldout
 
     prompts = pick_prompts(load_heldout(), check.prompts)
     params = SamplingParams(max_new_tokens=check.max_new_tokens, temperature=0.0)
-    requests = [
-        GenerationRequest("", params=params, messages=({"role": "user", "content": p["prompt"]},))
-        for p in prompts
-    ]
+    requests = chat_requests(prompts, params)
     results = ctx.backend(backend_config, alone=True).generate(requests)
     ctx.close()  # free the model before the stage goes on
     answers = [

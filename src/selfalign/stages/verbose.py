@@ -252,21 +252,20 @@ def teacher_turns(ctx: StageContext, cfg: VerboseConfig) -> tuple[str, Callable[
         return teacher_prefix(cfg), lambda q: user_turn(q) + TURN_SEP + ASSISTANT_TAG + "\n"
     from transformers import AutoTokenizer
 
+    from selfalign.train.template import render_chat
+
     tokenizer = AutoTokenizer.from_pretrained(ctx.artifact("engraved"))
     ex = load_exemplar(cfg.exemplar)
     system = cfg.verbose_system_text.replace("{name}", cfg.assistant_name)
     turns = [{"role": "system", "content": system}, {"role": "user", "content": ex.user},
              {"role": "assistant", "content": ex.answer.strip()}]  # fmt: skip
 
-    def render(messages: list[dict[str, str]], **kwargs: bool) -> str:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-        bos = tokenizer.bos_token or ""  # backends put the tokenizer's own BOS first
-        return text[len(bos) :] if bos and text.startswith(bos) else text
-
-    prefix = render(turns)
+    prefix = render_chat(tokenizer, turns)
 
     def prompt(question: str) -> str:
-        whole = render([*turns, {"role": "user", "content": question}], add_generation_prompt=True)
+        whole = render_chat(
+            tokenizer, [*turns, {"role": "user", "content": question}], add_generation_prompt=True
+        )
         if not whole.startswith(prefix):
             raise InputError("the engraved model's chat template does not render earlier turns "
                              "the same when a turn follows", field="stages.engraved.train.chat_template")  # fmt: skip
@@ -340,18 +339,15 @@ def train_student(ctx: StageContext, cfg: VerboseConfig, kept: list[dict], folde
     if cfg.train.method == "full":
         train_model(kept, base, folder, cfg.train, system_text, cfg.launch)
         return
-    from selfalign.train.export import check_texts, merge_and_check, merge_warnings
-    from selfalign.train.model import merge_dtype
+    from selfalign.train.export import merge_trained
 
     adapter = ctx.dir / "adapter"
     train_model(kept, base, adapter, cfg.train.model_copy(update={"merge": False}), system_text,
                 cfg.launch)  # fmt: skip
     log = train_log(adapter)
-    merge = merge_and_check(
-        adapter, folder, dtype=merge_dtype(log["method"], log["precision"]),
-        quantized=log["method"] == "qlora", texts=check_texts(adapter, kept, system_text),
-    )  # fmt: skip
-    log["warnings"] = [*log.get("warnings", []), *merge_warnings(merge)]
+    merge = merge_trained(adapter, folder, kept, system_text, method=log["method"],
+                          precision=log["precision"])  # fmt: skip
+    log["warnings"] = [*log.get("warnings", []), *merge["warnings"]]
     atomic_write_json(folder / TRAIN_LOG, {**log, "merge": merge})
 
 

@@ -166,6 +166,21 @@ def merge_and_check(
     return record
 
 
+def merge_trained(
+    adapter_dir: Path, merged_dir: Path, examples: Sequence[dict], system_text: str,
+    *, method: str, precision: str,
+) -> dict[str, Any]:  # fmt: skip
+    """Merge a trained adapter (see ``merge_adapter``) and check it on its first training
+    examples: the ``merge`` record of ``train_log.json``, its warnings included."""
+    from selfalign.train.model import merge_dtype
+
+    record = merge_and_check(
+        adapter_dir, merged_dir, dtype=merge_dtype(method, precision),
+        quantized=method == "qlora", texts=check_texts(adapter_dir, examples, system_text),
+    )  # fmt: skip
+    return {**record, "warnings": merge_warnings(record)}
+
+
 def merge_warnings(record: dict[str, Any]) -> list[str]:
     """The line ``train_log.json``'s warnings get for a merge that failed its check."""
     if record["ok"]:

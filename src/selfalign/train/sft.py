@@ -41,10 +41,8 @@ from selfalign.train.data import conversation_dataset, to_conversation, validate
 from selfalign.train.export import (
     MERGED_SUBDIR,
     TRAIN_LOG,
-    check_texts,
     loss_history,
-    merge_and_check,
-    merge_warnings,
+    merge_trained,
     write_json_atomic,
 )
 from selfalign.train.model import (
@@ -52,7 +50,6 @@ from selfalign.train.model import (
     check_method,
     load_base_model,
     lora_config,
-    merge_dtype,
     resolve_precision,
 )
 from selfalign.train.reporting import report_callbacks, trainer_report_to
@@ -348,13 +345,11 @@ def train_sft(
     del trainer  # free the training copy before merging reloads the base
     if state.is_main_process:
         if result.merged_dir is not None:
-            result.merge = merge_and_check(
-                out_dir, result.merged_dir,
-                dtype=merge_dtype(config.method, resolve_precision(config)),
-                quantized=config.method == "qlora",
-                texts=check_texts(out_dir, examples, system_text),
+            result.merge = merge_trained(
+                out_dir, result.merged_dir, examples, system_text,
+                method=config.method, precision=resolve_precision(config),
             )  # fmt: skip
-            result.warnings.extend(merge_warnings(result.merge))
+            result.warnings.extend(result.merge["warnings"])
         if not config.keep_checkpoints:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         result.runtime_s = round(time.monotonic() - started, 3)

@@ -130,6 +130,14 @@ def apply_template(tokenizer: Any, choice: TemplateChoice) -> None:
         tokenizer.eos_token = choice.end_token
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], **kwargs: bool) -> str:
+    """A conversation as text through the tokenizer's chat template, without the leading
+    BOS the template writes: backends put the tokenizer's own BOS before every prompt."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    bos = tokenizer.bos_token
+    return text[len(bos) :] if bos and text.startswith(bos) else text
+
+
 def _ids(output: Any) -> list[int]:
     return list(output["input_ids"] if hasattr(output, "keys") else output)
 
