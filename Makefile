@@ -7,7 +7,7 @@ DEMO_STAMP := $(VENV)/.demo-installed
 VLLM_VENV := .venv-vllm
 LLAMACPP_VENV := .venv-llamacpp
 
-.PHONY: test test-vllm test-llamacpp demo lint bench clean
+.PHONY: test test-vllm test-llamacpp demo lint bench clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,24 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+# Wheels for the one-shot GPU check (scripts/gpu_check.sh), which runs where there is no
+# network: what the GPU machine's image lacks (pydantic and its parts) or has too old for
+# our code (transformers 5.17 there knows no `cache=`; peft and regex go with it), in the
+# versions our tests use, for its Python (3.12) and ours (3.11, the CPU smoke run). ~20 MB.
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+	transformers peft regex
+GPU_PY_VERSIONS ?= 3.12 3.11
+
+gpu-wheels: $(STAMP)
+	rm -rf .whl && mkdir -p .whl
+	pins=$$($(PY) -c 'import importlib.metadata as m, sys; print(" ".join(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS)) && \
+	for v in $(GPU_PY_VERSIONS); do \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: --implementation cp \
+			--python-version $$v --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+			--platform manylinux2014_x86_64 -d .whl $$pins || exit 1; \
+	done
+	du -sh .whl && ls .whl
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMACPP_VENV) .pytest_cache runs

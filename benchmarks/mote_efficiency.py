@@ -13,6 +13,7 @@ Paper: packed training needs 0.35x the FLOPs and 0.67x the time. Exits 1 if the 
 ratio is above 0.5.
 
     python benchmarks/mote_efficiency.py [--chains 24] [--model DIR] [--out result.json]
+        [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def run(chains, model_dir, out_dir, method, args, *, count_flops: bool) -> dict:
         logging_steps=10**6,
         progress=False,
         device=args.device,
-        dtype="float32",
+        dtype=args.dtype,
         attn_implementation="eager" if count_flops else "sdpa",
         max_length=4096,
     )
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method (best)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (timing is steadier)")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)

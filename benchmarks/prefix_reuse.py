@@ -53,8 +53,10 @@ def build_prefix(backend: HFBackend, n_tokens: int) -> str:
     return backend.tokenizer.decode(ids)
 
 
-def plain_generate(backend: HFBackend, prefix: str, new_tokens: int) -> list[str]:
-    rows = [backend.head_ids + backend.encode(prefix + q) for q in QUERIES]
+def plain_generate(
+    backend: HFBackend, prefix: str, new_tokens: int, queries: list[str] = QUERIES
+) -> list[str]:
+    rows = [backend.head_ids + backend.encode(prefix + q) for q in queries]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), backend.pad_id)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -63,7 +65,8 @@ def plain_generate(backend: HFBackend, prefix: str, new_tokens: int) -> list[str
         mask[i, width - len(r) :] = 1
     with torch.no_grad():
         out = backend.model.generate(
-            ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+            ids.to(backend.device), attention_mask=mask.to(backend.device),
+            max_new_tokens=new_tokens, do_sample=False,
             pad_token_id=backend.pad_id,
         )  # fmt: skip
     return [

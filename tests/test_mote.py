@@ -248,6 +248,21 @@ def test_alpha_mixing_equals_the_formula(tiny_model: Path, alpha: float, shared:
     assert (SHARED in layer.lora_A) == shared
 
 
+def test_layer_runs_under_bf16_autocast(tiny_model: Path) -> None:
+    """The Trainer's bf16 (``train_mote`` on a GPU) runs the experts under autocast: their
+    bf16 outputs go into the fp32 accumulator."""
+    model, _ = fresh_mote(tiny_model)
+    randomize_experts(model)
+    layer = model.model.layers[1].mlp.up_proj
+    mote_state(model).router.route(torch.tensor([[0, 1, 2, 2, 0]]))
+    x = torch.randn(1, 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = layer(x)
+    torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
 # ---------------------------------------------------------------- step skipping
 
 

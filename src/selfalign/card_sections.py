@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from selfalign.environment import flatten
 from selfalign.errors import InputError
 from selfalign.model_origin import ModelOrigin
 from selfalign.registry import load_stage, stage_names
@@ -177,18 +178,10 @@ def environment_section(run: RunView, stage: str) -> str | None:
     lines = []
     for name, value in record.items():
         if isinstance(value, dict) and value:
-            flat = _flat(value)
+            flat = flatten(value)
             value = ", ".join(f"{k} {_value(v)}" for k, v in flat.items())
         lines.append(f"- {name}: {_value(value) if value != {} else '-'}")
     return "\n".join(lines)
-
-
-def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        out.update(_flat(value, name) if isinstance(value, dict) else {name: value})
-    return out
 
 
 def license_note(base: ModelOrigin) -> str:

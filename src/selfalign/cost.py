@@ -126,19 +126,38 @@ def stage_cost(
         return cost
     gen_hours = gen_s * backend_devices(backend) / 3600
     train_hours = train_s * train_devices(settings) / 3600
-    money: float | None = None
-    basis: list[str] = []
-    if has_token_price(backend) and usage.get("requests"):
-        money, basis = token_money(backend, prompt, completion), ["tokens"]
-    elif backend.price_per_device_hour is not None and gen_s > 0:
-        money, basis = gen_hours * backend.price_per_device_hour, ["device-hours"]
-    if train_s > 0 and run_backend.price_per_device_hour is not None:
-        money = (money or 0.0) + train_hours * run_backend.price_per_device_hour
-        basis = list(dict.fromkeys([*basis, "device-hours"]))
+    money, basis = charge(
+        backend, run_backend, train_devices(settings), requests=bool(usage.get("requests")),
+        prompt=prompt, completion=completion, gen_s=gen_s, train_s=train_s, trains=train_s > 0,
+    )  # fmt: skip
     cost["device_hours"] = round(gen_hours + train_hours, 9)
     cost["money"] = None if money is None else round(money, 9)
-    cost["currency_basis"] = "+".join(basis) or None
+    cost["currency_basis"] = basis
     return cost
+
+
+def charge(
+    backend: BackendConfig, run_backend: BackendConfig, train_devs: int, *, requests: bool,
+    prompt: int, completion: int, gen_s: float | None, train_s: float | None, trains: bool,
+) -> tuple[float | None, str | None]:  # fmt: skip
+    """(money, what it is charged by) for one stage, spent or estimated: generation by its
+    backend's token prices, else by its device-hours; training by the run backend's
+    device-hour price on ``train_devs`` devices. Money is None when no price applies or a
+    priced part's time is unknown (None); the basis still says what would be charged."""
+    money, basis, unknown = 0.0, [], False
+    if has_token_price(backend) and requests:
+        money += token_money(backend, prompt, completion)
+        basis.append("tokens")
+    elif backend.price_per_device_hour is not None and requests:
+        unknown |= gen_s is None
+        money += (gen_s or 0.0) * backend_devices(backend) / 3600 * backend.price_per_device_hour
+        basis.append("device-hours")
+    if trains and run_backend.price_per_device_hour is not None:
+        unknown |= train_s is None
+        money += (train_s or 0.0) * train_devs / 3600 * run_backend.price_per_device_hour
+        basis.append("device-hours")
+    joined = "+".join(dict.fromkeys(basis)) or None
+    return (None if unknown or not basis else money), joined
 
 
 def total_cost(costs: Mapping[str, Cost]) -> Cost:

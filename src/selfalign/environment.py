@@ -104,19 +104,20 @@ def environment_hash(record: dict[str, Any]) -> str:
     return stable_hash(record, length=12)
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as one level of dotted keys (``packages.torch``)."""
     if not isinstance(data, dict):
         return {prefix: data}
     flat: dict[str, Any] = {}
     for key, value in data.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
 def compare(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys (dotted: ``packages.torch``, ``env.OMP_NUM_THREADS``) whose values differ
     between two records, or that only one of them has."""
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten(a), flatten(b)
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k, ...) != fb.get(k, ...))
 
 

@@ -24,12 +24,10 @@ from selfalign.backends.config import BackendConfig
 from selfalign.backends.spec import parse_spec
 from selfalign.config import RunConfig, StageConfig
 from selfalign.cost import (
-    backend_devices,
+    charge,
     format_money,
     format_seconds,
     format_tokens,
-    has_token_price,
-    token_money,
     train_devices,
     training_seconds,
 )
@@ -80,11 +78,6 @@ class StageEstimate:
     currency_basis: str | None
     priced: bool  # some price applies to this stage
 
-    @property
-    def seconds(self) -> float | None:
-        parts = [self.generation_s, self.training_s]
-        return None if any(p is None for p in parts) else sum(p or 0.0 for p in parts)
-
 
 def measured_rates(entry: Mapping[str, Any] | None) -> tuple[float | None, float | None]:
     """(completion tokens per generation second, training seconds per example) an earlier
@@ -129,25 +122,15 @@ def estimate_stage(
     training_s: float | None = 0.0
     if estimate.train_examples:
         training_s = estimate.train_examples * per_example if per_example is not None else None
-    money, basis, priced, unknown = 0.0, [], False, False
-    if has_token_price(backend) and estimate.requests:
-        priced = True
-        money += token_money(backend, estimate.prompt_tokens, estimate.completion_tokens)
-        basis.append("tokens")
-    elif backend.price_per_device_hour is not None and estimate.requests:
-        priced, unknown = True, generation_s is None
-        hours = (generation_s or 0.0) * backend_devices(backend) / 3600
-        money += hours * backend.price_per_device_hour
-        basis.append("device-hours")
-    if estimate.train_examples and run_backend.price_per_device_hour is not None:
-        priced, unknown = True, unknown or training_s is None
-        devices = train_devices(config.model_dump(mode="json"))
-        money += (training_s or 0.0) * devices / 3600 * run_backend.price_per_device_hour
-        basis.append("device-hours")
+    money, basis = charge(
+        backend, run_backend, train_devices(config.model_dump(mode="json")),
+        requests=bool(estimate.requests), prompt=estimate.prompt_tokens,
+        completion=estimate.completion_tokens, gen_s=generation_s, train_s=training_s,
+        trains=bool(estimate.train_examples),
+    )  # fmt: skip
     return StageEstimate(
-        name, estimate, throughput, source, generation_s, per_example, training_s,
-        None if unknown or not priced else money,
-        "+".join(dict.fromkeys(basis)) or None, priced,
+        name, estimate, throughput, source, generation_s, per_example, training_s, money,
+        basis, basis is not None,
     )  # fmt: skip
 
 

@@ -61,6 +61,24 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
+def _cache_kwarg() -> str:
+    """The name models take their KV cache under: ``cache`` since transformers renamed it
+    (5.2x; ``past_key_values`` is then deprecated), ``past_key_values`` before. An unknown
+    keyword is swallowed by ``**kwargs``, so the wrong name would silently drop the cache."""
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return (
+        "cache"
+        if "cache" in inspect.signature(LlamaModel.forward).parameters
+        else ("past_key_values")
+    )
+
+
+CACHE_KWARG = _cache_kwarg()
+
+
 def load_model_and_tokenizer(
     path: str | Path, *, dtype: str = "auto", device: str = "auto", adapter: str | None = None
 ):
@@ -183,7 +201,7 @@ class HFBackend(Backend):
             return self._prefix_caches[ids]
         cache = DynamicCache()
         inp = torch.tensor([ids], device=self.device)
-        self.model(input_ids=inp, cache=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=inp, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
         self.stats.prefill_tokens += len(ids)
         self._prefix_caches[ids] = cache
         while len(self._prefix_caches) > _PREFIX_CACHE_SIZE:
@@ -277,7 +295,7 @@ class HFBackend(Backend):
             out = self.model.generate(
                 inp.to(self.device), attention_mask=attn.to(self.device),
                 position_ids=pos.to(self.device),
-                cache=self._decode_cache(cached, batch, p + width + params.max_new_tokens),
+                **{CACHE_KWARG: self._decode_cache(cached, batch, p + width + params.max_new_tokens)},
                 generation_config=config,
                 logits_processor=logits_processors(
                     params, [r.seed for r in rows], encode=self.encode, token_text=self.token_text
@@ -342,7 +360,7 @@ class HFBackend(Backend):
         pos = torch.arange(p, p + width).expand(len(rows), -1)
         logits = self.model(
             input_ids=inp.to(self.device), attention_mask=mask.to(self.device),
-            position_ids=pos.to(self.device), cache=self._expanded(cached, len(rows)),
+            position_ids=pos.to(self.device), **{CACHE_KWARG: self._expanded(cached, len(rows))},
             use_cache=True,
         ).logits.float()  # fmt: skip
         self.stats.prefill_tokens += sum(len(r) for r in rows)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from selfalign.train.reporting import ReportTarget
+from selfalign.train.reporting import ReportTo
 from selfalign.validation import ConfigPath, StrictModel
 
 SHARED = "shared"  # the shared expert's name
@@ -61,7 +61,7 @@ class MoteTrainConfig(StrictModel):
     # Packed chains need a 4D attention mask: sdpa or eager, not flash-attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     logging_steps: int = 10
-    report_to: list[ReportTarget] = Field(
+    report_to: ReportTo = Field(
         [], description="training logs: tensorboard, wandb, mlflow, trackio, ... ([] or none: off)"
     )
     logging_dir: ConfigPath | None = Field(
@@ -72,11 +72,6 @@ class MoteTrainConfig(StrictModel):
     resume: bool = True  # continue from the last checkpoint in out_dir/checkpoints
     seed: int = 0
     progress: bool = True
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _one_name_is_a_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
 
     def resolved_mote(self) -> MoteConfig:
         """The expert architecture after the method's overrides."""

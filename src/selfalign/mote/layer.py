@@ -112,7 +112,8 @@ class MoteLinear(LoraLinear):
             if rows.numel() == 0 and not torch.is_grad_enabled():
                 continue
             out = self._expert(name, flat_x.index_select(0, rows))
-            delta = delta.index_add(0, rows, out, alpha=router.step_weight)
+            # under bf16 autocast (the Trainer's bf16) the expert's output is bf16
+            delta = delta.index_add(0, rows, out.to(delta.dtype), alpha=router.step_weight)
         if router.shared:
             delta = delta + (1.0 - router.alpha) * self._expert(SHARED, flat_x)
         return result + delta.reshape(result.shape).to(result.dtype)

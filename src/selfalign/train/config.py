@@ -18,10 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from selfalign.errors import InputError
-from selfalign.train.reporting import ReportTarget
+from selfalign.train.reporting import ReportTo
 from selfalign.validation import ConfigPath, StrictModel, describe_error, field_path, load_yaml
 
 
@@ -71,7 +71,7 @@ class TrainConfig(StrictModel):
     resume: bool = True
     keep_checkpoints: bool = False
     logging_steps: int = Field(1, gt=0)
-    report_to: list[ReportTarget] = Field(
+    report_to: ReportTo = Field(
         [], description="training logs: tensorboard, wandb, mlflow, trackio, ... ([] or none: off)"
     )
     logging_dir: ConfigPath | None = Field(
@@ -85,11 +85,6 @@ class TrainConfig(StrictModel):
         description="selfalign (default: ours), chatml, llama3, clone:PATH (another local "
         "tokenizer's template and end-of-turn token) or a Jinja template",
     )
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _one_name_is_a_list(cls, value: object) -> object:
-        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="before")
     @classmethod

@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, get_args
+
+from pydantic import BeforeValidator
 
 from selfalign.errors import InputError
 
@@ -23,27 +25,16 @@ if TYPE_CHECKING:
 
 LOGS_SUBDIR = "logs"
 
-# transformers' ``INTEGRATION_TO_CALLBACK`` names (a test keeps the two lists equal).
-REPORT_TARGETS = (
-    "azure_ml",
-    "clearml",
-    "codecarbon",
-    "comet_ml",
-    "dagshub",
-    "dvclive",
-    "flyte",
-    "kubeflow",
-    "mlflow",
-    "neptune",
-    "swanlab",
-    "tensorboard",
-    "trackio",
-    "wandb",
-)
 ReportTarget = Literal[
     "azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte", "kubeflow",
     "mlflow", "neptune", "swanlab", "tensorboard", "trackio", "wandb", "none",
 ]  # fmt: skip
+# transformers' ``INTEGRATION_TO_CALLBACK`` names (a test keeps the two lists equal).
+REPORT_TARGETS = tuple(t for t in get_args(ReportTarget) if t != "none")
+# The ``report_to`` setting of both training configs: one name or a list.
+ReportTo = Annotated[
+    list[ReportTarget], BeforeValidator(lambda v: [v] if isinstance(v, str) else v)
+]
 
 # integration -> (modules, any of which will do, per group that must all be present; pip name)
 _NEEDS: dict[str, tuple[tuple[tuple[str, ...], ...], str]] = {
