@@ -106,12 +106,32 @@ def test_stop_strings_cut_and_finish_reason(backend: HFBackend, where: slice) ->
 
 
 def test_logit_bias_bans_first_token(backend: HFBackend) -> None:
+    """A text's bias lands on its first token: banning the token greedy decoding picks
+    first gives the text that greedy decoding by hand, that token masked, gives."""
+    prompt_ids = backend.head_ids + backend.encode(PROMPTS[2])
+
+    def greedy(banned: int | None) -> list[int]:
+        generated: list[int] = []
+        with torch.no_grad():
+            for _ in range(6):
+                logits = backend.model(torch.tensor([prompt_ids + generated])).logits[0, -1]
+                if banned is not None:
+                    logits[banned] = float("-inf")
+                token = int(logits.argmax())
+                if token in backend.eos_ids:
+                    break
+                generated.append(token)
+        return generated
+
+    first_id = greedy(None)[0]
+    banned = backend.tokenizer.decode([first_id])
+    assert backend.encode(banned) == [first_id]  # the text's first token is that token
     req = GenerationRequest(prompt=PROMPTS[2], params=SamplingParams(max_new_tokens=6))
-    first = backend.generate([req])[0].text
-    banned = backend.tokenizer.decode(backend.encode(first)[:1])
+    assert backend.generate([req])[0].text == backend.tokenizer.decode(greedy(None))
     params = SamplingParams(max_new_tokens=6, logit_bias={banned: -1e9})
     biased = backend.generate([GenerationRequest(prompt=PROMPTS[2], params=params)])[0].text
-    assert banned not in biased
+    want = greedy(first_id)
+    assert first_id not in want and biased == backend.tokenizer.decode(want)
 
 
 def naive_score(backend: HFBackend, req: ScoreRequest) -> float:
