@@ -251,21 +251,11 @@ def part_generate(args, device: torch.device, dtype: torch.dtype, soft_end: floa
 
 
 # -- (b) LoRA SFT step ------------------------------------------------------------------
-def enable_checkpointing(model) -> None:
-    """As ``train_mote`` does it: non-reentrant, on whichever API this transformers has."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    model.enable_input_require_grads()
-
-
 def part_lora(args, device: torch.device, dtype: torch.dtype, soft_end: float) -> dict:
     from peft import get_peft_model
 
     from selfalign.train.config import TrainConfig
-    from selfalign.train.model import lora_config
+    from selfalign.train.model import enable_checkpointing, lora_config
 
     train = TrainConfig()  # our SFT defaults: r=16, alpha 16, dropout 0.05, q/k/v/o
     tokenizer = tiny_tokenizer()

@@ -46,6 +46,15 @@ def pretrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def mc_task(shared_data: Path) -> Path:
+    """TruthfulQA's mc_task.json from ../shared/data (skipped where it is absent)."""
+    path = shared_data / "truthfulqa" / "mc_task.json"
+    if not path.is_file():
+        pytest.skip(f"TruthfulQA data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
 def varied_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model with a wider init, so that greedy outputs differ between prompts
     and equality checks between backends compare real, non-constant text."""

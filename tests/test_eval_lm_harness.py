@@ -68,14 +68,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def mc_task(shared_data: Path) -> Path:
-    path = shared_data / "truthfulqa" / "mc_task.json"
-    if not path.is_file():
-        pytest.skip(f"TruthfulQA data not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def arith_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local generate_until task: a few sums, data in a JSONL beside the YAML."""
     folder = tmp_path_factory.mktemp("tasks")

@@ -30,14 +30,6 @@ N_HARNESS = 100  # questions compared with the harness
 
 
 @pytest.fixture(scope="module")
-def mc_task(shared_data: Path) -> Path:
-    path = shared_data / "truthfulqa" / "mc_task.json"
-    if not path.is_file():
-        pytest.skip(f"TruthfulQA data not found at {path}")
-    return path
-
-
-@pytest.fixture(scope="module")
 def slim_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A slimmer variant of the tiny model: the harness runs 1,230 full ~700-token
     sequences for 100 questions, too slow on 2 shared cores with the standard one."""

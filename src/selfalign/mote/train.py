@@ -44,6 +44,7 @@ from selfalign.mote.model import (
     save_mote,
 )
 from selfalign.train.checkpoints import resume_point
+from selfalign.train.model import enable_checkpointing
 from selfalign.train.reporting import check_reporting, report_callbacks, trainer_report_to
 
 
@@ -127,12 +128,7 @@ def train_mote(
         build_mote(model, tokenizer, mote, system=config.system)
     if config.gradient_checkpointing:
         # Routing stays set until the next forward, so recomputation routes identically.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     tokens = mote_state(model).tokens
     encoder = Encoder(tokenizer, tokens, config.system, config.max_length)
     dataset = encoder.dataset(chains, expanded=config.method == "expanded")

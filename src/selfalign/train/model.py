@@ -92,6 +92,18 @@ def load_base_model(path: Path, config: TrainConfig, precision: str) -> PreTrain
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
+def enable_checkpointing(model: PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing, on whichever API this transformers has
+    (``activation_checkpointing_enable`` since 5.2x, ``gradient_checkpointing_enable``
+    before), with input grads on so a frozen base still backpropagates into adapters."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.enable_input_require_grads()
+
+
 def lora_config(config: TrainConfig) -> LoraConfig | None:
     if config.method == "full":
         return None
