@@ -40,10 +40,10 @@ from selfalign.mote import (
     train_mote,
 )
 from selfalign.mote.chat import mote_reply, mote_reply_stream
-from selfalign.mote.data import prompt_ids
+from selfalign.mote.data import draw_hidden_steps, example_draws, prompt_ids
 from selfalign.mote.grammar import StepGrammar
 from selfalign.mote.layer import SHARED
-from selfalign.text.steps import ANALYSIS, ANSWER, GUIDANCE, QUESTION
+from selfalign.text.steps import ANALYSIS, ANSWER, GUIDANCE, QUESTION, STEP_IDS
 
 CHAINS = [
     {
@@ -85,6 +85,15 @@ def randomize_experts(model: torch.nn.Module, seed: int = 0) -> None:
 
 def packed(tokenizer, model, chain: dict) -> dict:
     return Encoder(tokenizer, mote_state(model).tokens).packed(Chain(**chain))
+
+
+HIDE_ALL = {"guidance": {"analysis"}, "answer": {"analysis", "guidance"}}
+
+
+def index_drawing(collator: StepCollator, steps: list[str], hidden: dict[str, set[str]]) -> int:
+    """The first example index whose draws this epoch hide exactly ``hidden``."""
+    want = {step: frozenset(h) for step, h in hidden.items()}
+    return next(i for i in range(1000) if collator.draws(i, steps).hidden == want)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +278,9 @@ def test_layer_runs_under_bf16_autocast(tiny_model: Path) -> None:
 def test_step_skipping_mask_hides_earlier_steps_never_the_question(tiny_model: Path) -> None:
     model, tokenizer = fresh_mote(tiny_model)
     examples = [packed(tokenizer, model, CHAINS[0]), packed(tokenizer, model, CHAINS[1])]
-    always = StepCollator(tokenizer.pad_token_id, skip_prob=1.0)(examples)
+    collator = StepCollator(tokenizer.pad_token_id, skip_prob=1.0)
+    examples[0]["index"] = index_drawing(collator, list(STEPS), HIDE_ALL)
+    always = collator(examples)
     never = StepCollator(tokenizer.pad_token_id, skip_prob=0.0)(examples)
     steps = always["step_ids"][0]
     n = len(examples[0]["input_ids"])
@@ -306,6 +317,7 @@ def test_skipped_answer_equals_the_question_answer_sequence(tiny_model: Path) ->
     randomize_experts(model)
     model.eval()
     full = packed(tokenizer, model, CHAINS[0])
+    full["index"] = index_drawing(StepCollator(0, skip_prob=1.0), list(STEPS), HIDE_ALL)
     alone = packed(tokenizer, model, {**CHAINS[0], "analysis": None, "guidance": None})
 
     def collate(skip_prob: float) -> dict:
@@ -320,6 +332,101 @@ def test_skipped_answer_equals_the_question_answer_sequence(tiny_model: Path) ->
     n_answer = sum(s == ANSWER for s in alone["step_ids"])
     torch.testing.assert_close(out_full[-n_answer:], out_alone[-n_answer:], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out_seen[-n_answer:], out_alone[-n_answer:], atol=1e-3)
+
+
+# Every hidden-set pattern the draws make, per chain shape (analysis, guidance, answer:
+# the answer sees both, guidance only, analysis only, nothing; guidance sees the
+# analysis or nothing), and the steps' hidden sets agree with each other.
+SKIP_PATTERNS = {
+    0: [
+        {"guidance": set(), "answer": set()},
+        {"guidance": {"analysis"}, "answer": {"analysis"}},
+        {"guidance": {"analysis"}, "answer": {"guidance"}},
+        {"guidance": {"analysis"}, "answer": {"analysis", "guidance"}},
+    ],
+    2: [{"answer": set()}, {"answer": {"analysis"}}],  # analysis, answer
+}
+
+
+def frozen(pattern: dict) -> frozenset:
+    return frozenset((step, frozenset(hidden)) for step, hidden in pattern.items())
+
+
+@pytest.mark.parametrize("chain_index", sorted(SKIP_PATTERNS))
+def test_every_skip_pattern_equals_the_sequence_without_the_hidden_steps(
+    tiny_model: Path, chain_index: int
+) -> None:
+    """Per drawn pattern, each step's logits in the packed forward (mask and positions from
+    the collator) are those of the plain sequence (question, steps it sees, the step)."""
+    model, tokenizer = fresh_mote(tiny_model)
+    randomize_experts(model)
+    model.eval()
+    chain = CHAINS[chain_index]
+    steps = Chain(**chain).steps
+    example = packed(tokenizer, model, chain)
+    collator = StepCollator(tokenizer.pad_token_id, skip_prob=0.5, seed=7)
+
+    def forward(ids: list[int], question_expert: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(input_ids=torch.tensor([ids]), question_expert=question_expert).logits[0]
+
+    for pattern in SKIP_PATTERNS[chain_index]:
+        batch = collator([{**example, "index": index_drawing(collator, steps, pattern)}])
+        with torch.no_grad():
+            logits = model(**batch).logits[0]
+        seeing_all = forward(example["input_ids"], batch["question_expert"])
+        for step in steps:
+            hidden = pattern.get(step, set())
+            shorter = packed(tokenizer, model, {**chain, **{h: None for h in hidden}})
+            want = forward(shorter["input_ids"], batch["question_expert"])
+            at = batch["step_ids"][0] == STEP_IDS[step]
+            at_shorter = torch.tensor(shorter["step_ids"]) == STEP_IDS[step]
+            assert torch.equal(
+                batch["position_ids"][0][at], torch.arange(len(at_shorter))[at_shorter]
+            )
+            torch.testing.assert_close(logits[at], want[at_shorter], rtol=1e-4, atol=1e-4)
+            # Not vacuous: hiding steps changes what the step's tokens predict.
+            assert not hidden or not torch.allclose(seeing_all[at], logits[at], atol=1e-3)
+
+
+def test_skip_draws_cover_every_pattern_at_the_set_rates_and_repeat() -> None:
+    steps = list(STEPS)
+    draws = [example_draws(11, 0, i, steps, skip_prob=0.3) for i in range(3000)]
+    assert {frozen(d.hidden) for d in draws} == {frozen(p) for p in SKIP_PATTERNS[0]}
+    answer = [d.hidden["answer"] for d in draws]
+    # Each later step hides something with probability skip_prob, uniformly among the
+    # non-empty subsets of its earlier steps.
+    assert abs(sum(bool(d.hidden["guidance"]) for d in draws) / 3000 - 0.3) < 0.03
+    assert abs(sum(bool(a) for a in answer) / 3000 - 0.3) < 0.03
+    for subset in ({"analysis"}, {"guidance"}, {"analysis", "guidance"}):
+        assert abs(answer.count(frozenset(subset)) / 3000 - 0.1) < 0.02
+    # Deterministic per (seed, epoch, example); another epoch or seed draws anew.
+    assert draws[:50] == [example_draws(11, 0, i, steps, skip_prob=0.3) for i in range(50)]
+    assert draws[:50] != [example_draws(11, 1, i, steps, skip_prob=0.3) for i in range(50)]
+    assert draws[:50] != [example_draws(12, 0, i, steps, skip_prob=0.3) for i in range(50)]
+    assert StepCollator(0, skip_prob=0.3, seed=11).draws(5, steps) == draws[5]
+    # Two-step chains, the extremes, and examples that are not skippable.
+    two = {example_draws(0, 0, i, ["guidance", "answer"], 0.5).hidden["answer"] for i in range(40)}
+    assert two == {frozenset(), frozenset({"guidance"})}
+    never = [example_draws(0, 0, i, steps, 0.0).hidden for i in range(40)]
+    always = [example_draws(0, 0, i, steps, 1.0).hidden for i in range(40)]
+    assert all(not h for hidden in never for h in hidden.values())
+    assert all(h for hidden in always for h in hidden.values())
+    assert example_draws(0, 0, 3, (), 1.0).hidden == {}
+
+
+def test_longer_chains_draw_only_hidden_sets_that_agree() -> None:
+    """A step that stays visible saw exactly the visible part of the context before it,
+    whatever the number of steps (ours have at most three)."""
+    steps = ["s1", "s2", "s3", "s4", "s5"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        hidden = draw_hidden_steps(steps, True, gen)
+        for i, step in enumerate(steps[1:], start=1):
+            assert hidden[step]  # skipping: every later step hides something
+            for j, earlier in enumerate(steps[:i]):
+                if earlier not in hidden[step]:
+                    assert hidden.get(earlier, frozenset()) == hidden[step] & set(steps[:j])
 
 
 # ---------------------------------------------------------------- train, save, load

@@ -18,6 +18,8 @@ STAGE_MODULES: dict[str, str] = {
     "aligned": "selfalign.stages.aligned",
     "engraved": "selfalign.stages.engrave",
     "verbose": "selfalign.stages.verbose",
+    "preferences": "selfalign.stages.preferences",
+    "dpo": "selfalign.stages.dpo",
     "chains": "selfalign.stages.chains",
     "mote": "selfalign.stages.mote_stage",
     "eval": "selfalign.stages.evaluate",  # last: it scores the models of the others

@@ -161,12 +161,16 @@ def _drop_examples(run_dir: Path, stages: dict[str, Any]) -> list[str]:
         for reason, records in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
             for r in records[:EXAMPLES_PER_REASON]:
                 asked = r.get("prompt") or r.get("instruction") or r.get("topic") or ""
-                said = r.get("output") or r.get("answer") or r.get("raw") or r.get("input") or ""
+                said = (r.get("output") or r.get("answer") or r.get("raw") or r.get("rejected")
+                        or " | ".join(r.get("answers") or []) or r.get("input") or "")  # fmt: skip
                 rows.append([reason, len(records), _excerpt(asked), _excerpt(said)])
         if rows:
             parts += [f"<h3>{html.escape(name)}</h3>",
                       _table(["reason", "count", "item", "what the model wrote"], rows)]  # fmt: skip
     return parts
+
+
+MODEL_ORDER = ("base", "base_icl", "engraved", "final", "dpo", "mote")  # columns, left to right
 
 
 def _heldout_parts(run_dir: Path) -> list[str]:
@@ -181,7 +185,7 @@ def _heldout_parts(run_dir: Path) -> list[str]:
             results[path.stem.removesuffix("-heldout-greedy")] = result
     if not results:
         return []
-    models = list(results)
+    models = sorted(results, key=lambda m: (MODEL_ORDER.index(m) if m in MODEL_ORDER else 99, m))
     metric_names = list(dict.fromkeys(m["metric"] for r in results.values() for m in r["metrics"]))
     summary = [
         [metric, *(_fmt(next((m["value"] for m in results[model]["metrics"]
@@ -259,6 +263,38 @@ def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]
     if train:
         rows.append(["MoTE training", ", ".join(f"{k}: {_fmt(v)}" for k, v in train.items())])
     return rows
+
+
+PAIR_EXAMPLES = 3  # preference pairs shown per source
+
+
+def _preference_parts(run_dir: Path, stages: dict[str, Any]) -> list[str]:
+    """The pairs per source (counts, lengths, the judge's agreement), DPO's training, and
+    the first few kept pairs, so a reader sees what the model was taught to prefer."""
+    stats = stages.get("preferences", {}).get("stats") or {}
+    rows: list[list[Any]] = [
+        [source, ", ".join(f"{k}: {_fmt(v)}" for k, v in entry.items())]
+        for source, entry in stats.items()
+        if isinstance(entry, dict)
+    ]
+    dpo = stages.get("dpo", {}).get("stats") or {}
+    if dpo:
+        keys = ("examples", "global_step", "initial_loss", "final_loss", "rewards_margins",
+                "rewards_accuracies", "runtime_s")  # fmt: skip
+        rows.append(["DPO training", ", ".join(f"{k}: {_fmt(dpo[k])}" for k in keys if k in dpo)])
+    if not rows:
+        return []
+    parts = ["<h2>Preference pairs and DPO</h2>", _table(["", "value"], rows)]
+    pairs = read_records(run_dir / "preferences" / "records.jsonl")
+    shown = [
+        [r["source"], r.get("principle") or "-", _excerpt(r["prompt"]), _excerpt(r["chosen"]),
+         _excerpt(r["rejected"])]
+        for source in ("contrast", "self_judged")
+        for r in [r for r in pairs if r["source"] == source][:PAIR_EXAMPLES]
+    ]  # fmt: skip
+    if shown:
+        parts.append(_table(["source", "principle", "prompt", "chosen", "rejected"], shown))
+    return parts
 
 
 def _trained_model_parts(stages: dict[str, Any]) -> list[str]:
@@ -368,6 +404,7 @@ def write_report(run_dir: Path) -> Path:
     aligned_rows = _aligned_rows(stages.get("aligned", {}).get("stats") or {})
     if aligned_rows:
         parts += ["<h2>Stage 2 answers</h2>", _table(["statistic", "value"], aligned_rows)]
+    parts += _preference_parts(run_dir, stages)
     chain_rows = _chain_rows(
         stages.get("chains", {}).get("stats") or {}, stages.get("mote", {}).get("stats") or {}
     )

@@ -43,6 +43,7 @@ class MoteTrainConfig(StrictModel):
 
     method: TrainMethod = "mote"
     mote: MoteConfig = Field(default_factory=MoteConfig)
+    # Probability that a later step hides some earlier steps (mote.data.example_draws).
     step_skip_prob: float = Field(0.25, ge=0, le=1)  # not given by the paper: ours
     system: str | None = None  # system prompt of the chat format, kept with the model
     epochs: float = Field(3.0, gt=0)

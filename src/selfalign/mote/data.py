@@ -14,14 +14,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from selfalign.chat_format import render_prompt
 from selfalign.errors import InputError
-from selfalign.mote.masking import additive_mask, step_position_ids, step_visibility
+from selfalign.mote.masking import (
+    additive_mask,
+    no_hidden_steps,
+    step_position_ids,
+    step_visibility,
+)
 from selfalign.mote.steps import StepTokens, step_ids_from_input_ids
 from selfalign.text.steps import QUESTION, STEP_IDS, STEPS, strip_step_tokens
 from selfalign.validation import describe_error, field_path
@@ -152,13 +157,108 @@ class Encoder:
         return [{**ex, "index": i} for i, ex in enumerate(examples)]
 
 
+class Draws(NamedTuple):
+    """The random choices for one example in one epoch."""
+
+    hidden: dict[str, frozenset[str]]  # per later step: the earlier steps it does not see
+    question_expert: int  # expert index for the question tokens
+
+
+def _hidden_options(
+    steps: Sequence[str], i: int, hidden: dict[str, frozenset[str]]
+) -> list[frozenset[str]]:
+    """Non-empty sets of steps before ``steps[i]`` that it may hide, given the sets drawn
+    for the steps before it.
+
+    Hiding ``h`` is allowed when every earlier step ``t`` that stays visible hides exactly
+    ``h``'s part before ``t``: the K/V of ``t`` were computed from what ``t`` saw, so the
+    view of ``steps[i]`` is a real sequence (question, visible steps, step) only if ``t``
+    saw the same context. Hiding all earlier steps always qualifies.
+    """
+    earlier = steps[:i]
+    options = []
+    for k in range(1, i + 1):
+        for subset in combinations(earlier, k):
+            h = frozenset(subset)
+            if all(
+                hidden.get(t, frozenset()) == h & frozenset(earlier[:j])
+                for j, t in enumerate(earlier)
+                if t not in h
+            ):
+                options.append(h)
+    return options
+
+
+def draw_hidden_steps(
+    steps: Sequence[str], skip: bool, generator: torch.Generator
+) -> dict[str, frozenset[str]]:
+    """Per later step of a chain (``steps`` in chain order): the earlier steps it hides.
+
+    Without ``skip`` nothing is hidden. With it every later step hides a non-empty set,
+    drawn uniformly among the sets allowed by ``_hidden_options``, step by step in
+    order. For the chains we have (at most analysis, guidance, answer) every non-empty
+    set is allowed, so each later step hides each non-empty subset of its earlier steps
+    with equal probability: guidance hides analysis; the answer hides {analysis},
+    {guidance} or both. (Drawing the steps independently instead could let the answer
+    see a guidance that did not see the analysis while it sees the analysis itself: a
+    context that no expanded sequence, and no inference run, has.)
+    """
+    hidden: dict[str, frozenset[str]] = {}
+    for i, step in enumerate(steps[1:], start=1):
+        if not skip:
+            hidden[step] = frozenset()
+            continue
+        options = _hidden_options(steps, i, hidden)
+        hidden[step] = options[int(torch.randint(len(options), (1,), generator=generator))]
+    return hidden
+
+
+def example_draws(
+    seed: int, epoch: int, index: int, steps: Sequence[str] = (), skip_prob: float = 0.0
+) -> Draws:
+    """The draws of example ``index`` in ``epoch``: a function of (seed, epoch, index) only.
+
+    One uniform decides skipping for the whole example: below ``skip_prob`` every later
+    step hides something, else none does. So each later step hides something with
+    probability ``skip_prob`` and, when it does, hides each allowed non-empty subset of
+    its earlier steps with equal probability (``draw_hidden_steps``). Sharing the one
+    uniform across steps keeps the hidden sets consistent. Each step's loss depends only
+    on its own view, and each step's distribution of views is the one asked for, so the
+    coupling changes only which views share an example, not the expected loss.
+    ``steps`` are the steps of a skippable example in chain order (empty otherwise).
+    """
+    generator = torch.Generator().manual_seed(hash((seed, epoch, index)) & (2**62 - 1))
+    uniform = float(torch.rand(1, generator=generator))
+    question_expert = int(torch.randint(len(STEPS), (1,), generator=generator))
+    hidden = draw_hidden_steps(steps, uniform < skip_prob, generator)
+    return Draws(hidden, question_expert)
+
+
+def hidden_matrix(hidden: dict[str, frozenset[str]]) -> torch.Tensor:
+    """``{step: hidden steps}`` -> boolean (n, n) by step id, as ``step_visibility`` takes."""
+    out = no_hidden_steps(1)[0]
+    for step, earlier in hidden.items():
+        for t in earlier:
+            out[STEP_IDS[step], STEP_IDS[t]] = True
+    return out
+
+
+def example_steps(feature: dict) -> list[str]:
+    """The steps of a skippable example in order of appearance (none if not skippable)."""
+    if not feature.get("skippable"):
+        return []
+    ids = [s for s in dict.fromkeys(feature["step_ids"]) if s != QUESTION]
+    return [STEPS[s - 1] for s in ids]
+
+
 class StepCollator:
     """Right-pads examples and builds the 4D mask, positions, labels and routing.
 
-    Per example and epoch, two seeded draws: step skipping (probability ``skip_prob``,
-    for skippable examples) and the expert for its question tokens. They depend only
-    on (seed, epoch, example index), so a resumed run repeats them exactly; the
-    trainer sets ``epoch``. ``with_step_ids=False`` drops the routing (plain LoRA).
+    Per example and epoch, seeded draws (``example_draws``): which earlier steps each
+    later step hides (step skipping with probability ``skip_prob``, for skippable
+    examples) and the expert for its question tokens. They depend only on (seed, epoch,
+    example index), so a resumed run repeats them exactly; the trainer sets ``epoch``.
+    ``with_step_ids=False`` drops the routing (plain LoRA).
     """
 
     def __init__(
@@ -177,12 +277,9 @@ class StepCollator:
         self.with_step_ids = with_step_ids
         self.mask_dtype = mask_dtype
 
-    def draws(self, index: int) -> tuple[float, int]:
-        """(uniform for skipping, question expert) of one example this epoch."""
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**62 - 1))
-        return float(torch.rand(1, generator=gen)), int(
-            torch.randint(len(STEPS), (1,), generator=gen)
-        )
+    def draws(self, index: int, steps: Sequence[str] = ()) -> Draws:
+        """(hidden steps, question expert) of one example this epoch."""
+        return example_draws(self.seed, self.epoch, index, steps, self.skip_prob)
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
@@ -196,22 +293,16 @@ class StepCollator:
         valid = torch.tensor(
             [[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
         )
-        draws = [self.draws(f.get("index", i)) for i, f in enumerate(features)]
-        skip = torch.tensor(
-            [
-                u < self.skip_prob and bool(f.get("skippable"))
-                for (u, _), f in zip(draws, features, strict=True)
-            ]
-        )
+        draws = [self.draws(f.get("index", i), example_steps(f)) for i, f in enumerate(features)]
+        hidden = torch.stack([hidden_matrix(d.hidden) for d in draws])
+        visible = step_visibility(step_ids, valid, hidden)
         batch = {
             "input_ids": input_ids,
-            "attention_mask": additive_mask(
-                step_visibility(step_ids, valid, skip), self.mask_dtype
-            ),
-            "position_ids": step_position_ids(step_ids, valid, skip),
+            "attention_mask": additive_mask(visible, self.mask_dtype),
+            "position_ids": step_position_ids(step_ids, valid, hidden),
             "labels": labels,
         }
         if self.with_step_ids:
             batch["step_ids"] = step_ids
-            batch["question_expert"] = torch.tensor([e for _, e in draws])
+            batch["question_expert"] = torch.tensor([d.question_expert for d in draws])
         return batch

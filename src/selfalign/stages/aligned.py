@@ -19,15 +19,17 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field
 
-from selfalign.annotations.principles import Annotations, load_annotations
+from selfalign.annotations import DEFAULT_EXEMPLARS
+from selfalign.annotations.principles import Annotations, load_annotations, load_exemplars
 from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
+from selfalign.errors import InputError
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.store import record_id
@@ -80,7 +82,12 @@ def _openers(value: str | list[str]) -> str | list[str]:
 
 class AlignedConfig(StageConfig):
     principles: ConfigPath | None = Field(None, description="principles YAML (default: shipped)")
-    exemplars: ConfigPath | None = Field(None, description="exemplars YAML (default: shipped)")
+    exemplars: ConfigPath | Annotated[list[ConfigPath | None], Field(min_length=1)] | None = Field(
+        None,
+        description="exemplars YAML (default: shipped), or a list of them whose exemplars are "
+        "shown in order (null in the list: the shipped file); every file must give the same "
+        "self_description",
+    )
     RUN_NAME_FIELD = "final_name"
 
     generation_name: str = Field(
@@ -127,9 +134,36 @@ class AlignedConfig(StageConfig):
     chunk_size: int = Field(64, ge=1, description="prompts per committed batch")
 
 
+def exemplar_files(cfg: AlignedConfig) -> list[Path]:
+    """``exemplars`` as a list of files, null standing for the shipped one."""
+    given = cfg.exemplars if isinstance(cfg.exemplars, list) else [cfg.exemplars]
+    return [Path(p) if p is not None else DEFAULT_EXEMPLARS for p in given]
+
+
+def load_stage_annotations(cfg: AlignedConfig) -> Annotations:
+    """The principles with the exemplars of every file, in order. Only one self-description
+    can open the thoughts, so a later file whose own differs from the first's is refused
+    (InputError) rather than quietly shown under the first one."""
+    first, *more = exemplar_files(cfg)
+    annotations = load_annotations(cfg.principles, first)
+    exemplars = list(annotations.exemplars)
+    for path in more:
+        parsed = load_exemplars(path, num_principles=len(annotations.principles))
+        if parsed.self_description != annotations.self_description:
+            raise InputError(
+                f"differs from the first exemplars file's ({annotations.exemplars_file}); "
+                "every exemplars file must give the same one",
+                file=path, field="self_description",
+            )  # fmt: skip
+        exemplars += parsed.exemplars
+    return replace(annotations, exemplars=exemplars)
+
+
 def annotation_files(cfg: AlignedConfig) -> list[Path]:
-    """The principles and exemplars in use (validated now, so bad files fail at plan time)."""
-    return load_annotations(cfg.principles, cfg.exemplars).files
+    """The principles and every exemplars file in use (validated now, so bad files fail at
+    plan time)."""
+    annotations = load_stage_annotations(cfg)
+    return [*annotations.files, *exemplar_files(cfg)[1:]]
 
 
 def leak_sources(prompt: StagePrompt) -> dict[str, str]:
@@ -255,7 +289,7 @@ class Judge:
 
 
 def build(cfg: AlignedConfig) -> tuple[StagePrompt, Judge]:
-    annotations: Annotations = load_annotations(cfg.principles, cfg.exemplars)
+    annotations = load_stage_annotations(cfg)
     prompt = StagePrompt(annotations, cfg.generation_name, cfg.knowledge_cutoff)
     return prompt, Judge(prompt, cfg)
 

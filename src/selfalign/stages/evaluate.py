@@ -1,7 +1,7 @@
 """The ``eval`` stage: multiple-choice benchmarks on the run's models, one JSON each.
 
-Models: ``base`` (the run's model), ``engraved`` (base + stage-3 adapter) and ``final``
-(``verbose/model``). Results land in ``eval/{model}-{benchmark}-{protocol}.json`` in the
+Models: ``base`` (the run's model), ``engraved`` (base + stage-3 adapter), ``final``
+(``verbose/model``), ``dpo`` (``dpo/model``) and ``mote`` (held-out answers only). Results land in ``eval/{model}-{benchmark}-{protocol}.json`` in the
 same format the ``selfalign eval`` commands print, and the report shows them.
 
 Protocols with a system text (TruthfulQA dromedary, HHH) give each trained model the one
@@ -25,9 +25,11 @@ from selfalign.stages.training import PLAIN_SYSTEM_TEXT, trained_backend, traine
 from selfalign.store import atomic_write_json
 from selfalign.validation import ExistingPath, StrictModel, load_yaml
 
-ModelName = Literal["base", "engraved", "final", "mote"]
+ModelName = Literal["base", "engraved", "final", "dpo", "mote"]
 # the stage that builds each trained model
-MODEL_STAGES: dict[str, str] = {"engraved": "engraved", "final": "verbose", "mote": "mote"}
+MODEL_STAGES: dict[str, str] = {
+    "engraved": "engraved", "final": "verbose", "dpo": "dpo", "mote": "mote",
+}  # fmt: skip
 
 
 class TruthfulQASettings(StrictModel):
@@ -55,7 +57,8 @@ class HeldoutSettings(StrictModel):
 class EvalStageConfig(StageConfig):
     models: list[ModelName] = Field(
         ["base", "engraved", "final"],
-        description="base, engraved, final (verbose/model) and mote (held-out answers only)",
+        description="base, engraved, final (verbose/model), dpo (dpo/model) and mote "
+        "(held-out answers only)",
     )
     truthfulqa: TruthfulQASettings | None = None
     hhh: HHHSettings | None = None
@@ -135,7 +138,7 @@ def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
             system_text=model_system_text(ctx, source) or base_system_text(ctx, cfg),
             max_new_tokens=settings.max_new_tokens,
             icl=stage_prompt(ctx) if model == "base_icl" else None,
-            chat=model in ("engraved", "final"),
+            chat=model in ("engraved", "final", "dpo"),
         )  # fmt: skip
     metrics = heldout_metrics(rows)
     return {"benchmark": "heldout", "protocol": "greedy", "model": model, "metrics": metrics,

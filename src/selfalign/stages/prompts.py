@@ -1,8 +1,10 @@
-"""Stage 1, ``prompts``: synthesize the prompt pool (Self-Instruct, then TGRT).
+"""Stage 1, ``prompts``: the prompt pool: the user's own prompts (``file``, off by
+default), then Self-Instruct, then TGRT; any of the three may be turned off.
 
 Output ``prompts/records.jsonl``, one prompt per line:
-``{"id", "instruction", "input", "source": "self_instruct"|"tgrt", "parents": [ids],
-"round" (self-instruct) | "type", "topic" (TGRT)}``. Parent ids resolve in
+``{"id", "instruction", "input", "source": "user_file"|"self_instruct"|"tgrt",
+"parents": [ids], "row" (user file) | "round" (self-instruct) | "type", "topic" (TGRT)}``.
+Prompts from a file have no parents (``selfalign.stages.user_file``). Parent ids resolve in
 ``prompts/seeds.jsonl`` (the seed tasks and red-team seeds the run used) or in
 ``records.jsonl`` itself. Other files: ``dropped.jsonl`` (every rejected candidate with
 its reason), ``topics.jsonl`` (TGRT topics), ``rounds.jsonl`` (one line per finished
@@ -15,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 
 from selfalign.annotations.loaders import (
     DEFAULT_REDTEAM_TYPES,
@@ -24,6 +26,7 @@ from selfalign.annotations.loaders import (
     load_seed_tasks,
 )
 from selfalign.config import StageConfig
+from selfalign.stages import user_file
 from selfalign.stages.api import ROUNDS, Estimate, EstimateContext, Stage, StageContext
 from selfalign.stages.self_instruct import (
     SelfInstructConfig,
@@ -31,6 +34,7 @@ from selfalign.stages.self_instruct import (
     run_self_instruct,
 )
 from selfalign.stages.tgrt import TOPIC_PHASE, TOPICS, TGRTConfig, estimate_tgrt, run_tgrt
+from selfalign.stages.user_file import FileSourceConfig, estimate_user_file, run_user_file
 from selfalign.store import stable_hash
 
 
@@ -51,8 +55,24 @@ def sample_prompts(records: list[dict[str, Any]], seed: int, key: str = "id") ->
 
 
 class PromptsConfig(StageConfig):
+    file: FileSourceConfig = Field(default_factory=FileSourceConfig)
     self_instruct: SelfInstructConfig = Field(default_factory=SelfInstructConfig)
     tgrt: TGRTConfig = Field(default_factory=TGRTConfig)
+
+    @model_serializer(mode="wrap")
+    def _without_an_unused_file(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave ``file`` out while it is off: it changes nothing then, and the settings of
+        runs that do not use it (so their fingerprints) stay as they were before it existed."""
+        data = handler(self)
+        if not self.file.enabled:
+            data.pop("file", None)
+        return data
+
+
+def data_files(cfg: PromptsConfig) -> list[Path]:
+    """The user's prompt file (part of the fingerprint; read now, so that a bad file or
+    field fails at plan time)."""
+    return user_file.data_files(cfg.file)
 
 
 def annotation_files(cfg: PromptsConfig) -> list[Path]:
@@ -75,7 +95,10 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
     # brainstormed topics kept per type (the seeds' own topics are examples only)
     per_type = Counter(t["type"] for t in topics if t["round"] >= 0 and t["id"] not in cut)
     stats: dict[str, Any] = {}
-    for source in ("self_instruct", "tgrt"):
+    sources = ("self_instruct", "tgrt")
+    if ctx.config.file.enabled:  # type: ignore[attr-defined]
+        sources = (user_file.SOURCE, *sources)
+    for source in sources:
         stats[source] = {
             "kept": sum(1 for r in records if r["source"] == source),
             "dropped": dict(Counter(r["reason"] for r in dropped if r["source"] == source)),
@@ -106,6 +129,8 @@ def run_prompts(ctx: StageContext):
         for t in types
     ]  # fmt: skip
     ctx.append_aux("seeds", [e for e in entries if e["id"] not in known])
+    if cfg.file.enabled:
+        yield from run_user_file(ctx, cfg.file)
     if si.enabled and not (yield from run_self_instruct(ctx, si, seeds)):
         return  # failed requests: the runner marks the stage incomplete
     if tg.enabled:
@@ -113,9 +138,11 @@ def run_prompts(ctx: StageContext):
 
 
 def estimate(cfg: PromptsConfig, ectx: EstimateContext) -> Estimate:
-    """Self-Instruct's and TGRT's bounds added (see their ``estimate_*``)."""
+    """The user file's prompts, Self-Instruct's and TGRT's bounds added (``estimate_*``)."""
     si, tg = cfg.self_instruct, cfg.tgrt
     total = Estimate()
+    if cfg.file.enabled:
+        total += estimate_user_file(cfg.file, ectx.run.seed)
     if si.enabled:
         total += estimate_self_instruct(si, load_seed_tasks(si.seed_tasks), ectx.count_tokens)
     if tg.enabled:
@@ -124,4 +151,5 @@ def estimate(cfg: PromptsConfig, ectx: EstimateContext) -> Estimate:
 
 
 STAGE = Stage("prompts", PromptsConfig, run_prompts, summarize=summarize,
-              annotation_files=annotation_files, estimate=estimate)  # fmt: skip
+              annotation_files=annotation_files, data_files=data_files,
+              estimate=estimate)  # fmt: skip

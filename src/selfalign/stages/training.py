@@ -10,7 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import Field
@@ -19,9 +19,12 @@ from selfalign.backends.config import BackendConfig
 from selfalign.backends.spec import parse_spec
 from selfalign.errors import InputError
 from selfalign.store import atomic_write_text, dumps_record
-from selfalign.train.config import TrainConfig
+from selfalign.train.config import DPOSettings, TrainConfig
 from selfalign.train.export import MERGED_SUBDIR, TRAIN_LOG
 from selfalign.validation import ConfigPath, StrictModel
+
+if TYPE_CHECKING:
+    from selfalign.stages.api import StageContext
 
 PLAIN_SYSTEM_TEXT = (
     "You are {name}, an AI assistant. You are helpful, honest and careful: you answer "
@@ -85,12 +88,29 @@ def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
     return base.model_copy(update={"model": str(model_dir)})
 
 
+def stage_model_backend(ctx: StageContext, stage: str) -> BackendConfig:
+    """How a stage generates with the model an upstream training ``stage`` built: the
+    stage's own backend block when it has one (a server for that model), else the run's
+    backend with that model (``trained_backend``). A server of the base model cannot load
+    the trained weights: that is an input error naming the field to set."""
+    if ctx.config.backend is not None:
+        return ctx.config.backend
+    run_backend = ctx.run.generation_backend()
+    if run_backend.model.startswith("openai:"):
+        raise InputError(
+            f"an openai backend cannot load the {stage} model; serve it and give "
+            f"stages.{ctx.name} a backend block for it", field=f"stages.{ctx.name}.backend",
+        )  # fmt: skip
+    return trained_backend(run_backend, ctx.artifact(stage))
+
+
 def training_summary(model_dir: Path) -> dict[str, Any]:
     """The manifest's view of ``model_dir/train_log.json`` (loss history left out)."""
     log = train_log(model_dir)
     keep = ("method", "global_step", "examples", "dropped", "truncated", "global_batch",
             "optimizer_steps", "warmup_steps", "final_loss", "runtime_s", "resumed_from",
-            "processes", "warnings", "template_check", "train_tokens", "merge")  # fmt: skip
+            "processes", "warnings", "template_check", "train_tokens", "merge", "objective",
+            "initial_loss")  # fmt: skip
     return {k: log[k] for k in keep if k in log}
 
 
@@ -101,9 +121,16 @@ def train_model(
     config: TrainConfig,
     system_text: str,
     launch: LaunchConfig,
+    dpo: DPOSettings | None = None,
 ) -> None:
-    """Train into ``out_dir``; resumes from its checkpoints after a kill."""
+    """Train into ``out_dir``; resumes from its checkpoints after a kill. ``dpo``: the
+    examples are preference pairs and ``base`` is the model DPO continues (``train.dpo``)."""
     if launch.num_processes == 1 and launch.accelerate_config is None:
+        if dpo is not None:
+            from selfalign.train.dpo import train_dpo
+
+            train_dpo(examples, base, out_dir, config, dpo, system_text=system_text)
+            return
         from selfalign.train.sft import train_sft
 
         train_sft(examples, base, out_dir, config, system_text=system_text)
@@ -121,6 +148,9 @@ def train_model(
     cmd += ["-m", "selfalign.train", "--examples", str(examples_file), "--base", str(base),
             "--out", str(out_dir), "--config", str(work / "train.yaml"),
             "--system-file", str(work / "system.txt")]  # fmt: skip
+    if dpo is not None:
+        atomic_write_text(work / "dpo.yaml", yaml.safe_dump(dpo.model_dump(mode="json")))
+        cmd += ["--dpo", str(work / "dpo.yaml")]
     proc = subprocess.run(cmd)
     if proc.returncode != 0:
         raise RuntimeError(f"accelerate launch exited with {proc.returncode}")

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from selfalign.annotations import ANNOTATIONS_DIR
 from selfalign.annotations.principles import Prose, validate_file
-from selfalign.backends import BackendConfig, GenerationRequest, SamplingParams
+from selfalign.backends import GenerationRequest, SamplingParams
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
 from selfalign.errors import InputError
@@ -38,9 +38,9 @@ from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
+    stage_model_backend,
     train_log,
     train_model,
-    trained_backend,
     training_summary,
 )
 from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_stats
@@ -182,19 +182,6 @@ def verdict(answer: str, finish_reason: str, min_words: int) -> str | None:
     return None
 
 
-def teacher_backend(ctx: StageContext) -> BackendConfig:
-    """The engraved model: the stage's own backend block, else base + engraved adapter."""
-    if ctx.config.backend is not None:
-        return ctx.config.backend
-    run_backend = ctx.run.generation_backend()
-    if run_backend.model.startswith("openai:"):
-        raise InputError(
-            "an openai backend cannot load the engraved adapter; serve the engraved model "
-            "and give stages.verbose a backend block for it", field="stages.verbose.backend",
-        )  # fmt: skip
-    return trained_backend(run_backend, ctx.artifact("engraved"))
-
-
 def length_ratio(verbose: list[dict], aligned: list[dict]) -> tuple[float, int] | None:
     """Mean characters of the kept verbose answers over those of the stage-2 answers to the
     same prompts (only prompts both kept), and how many prompts that is; None if none."""
@@ -305,7 +292,7 @@ def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
             for _, (pid, question) in chunk
         ]
         batch = Batch()
-        results = ctx.backend(teacher_backend(ctx)).generate(requests)
+        results = ctx.backend(stage_model_backend(ctx, "engraved")).generate(requests)
         for (rid, (pid, question)), result in zip(chunk, results, strict=True):
             rec = {"id": rid, "prompt_id": pid, "prompt": question}
             if result.error:

@@ -4,6 +4,10 @@
         --examples aligned/records.jsonl --base BASE_DIR --out engraved/ \
         --config train.yaml --system "You are ..., a helpful, ethical and reliable assistant."
 
+With ``--dpo DPO.yaml`` (beta, loss_type, label_smoothing) it trains DPO instead: the
+examples are preference pairs (prompt, chosen, rejected) and ``--base`` is the model DPO
+continues (an adapter folder such as engraved/, or a full model folder).
+
 Plain ``python -m selfalign.train`` trains in one process. Exit codes as for the CLI:
 0 done, 2 bad input (one line on stderr), 1 anything else.
 """
@@ -22,10 +26,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m selfalign.train", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--examples", required=True, type=Path, help="JSONL with prompt and answer")
+    p.add_argument("--examples", required=True, type=Path,
+                   help="JSONL with prompt and answer (with --dpo: prompt, chosen, rejected)")  # fmt: skip
     p.add_argument("--base", required=True, type=Path, help="base model directory (HF format)")
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     p.add_argument("--config", type=Path, help="YAML of TrainConfig settings (default: paper's)")
+    p.add_argument("--dpo", type=Path, help="YAML of DPO settings: train DPO on preference pairs")
     system = p.add_mutually_exclusive_group(required=True)
     system.add_argument("--system", help="the system text every example starts with")
     system.add_argument("--system-file", type=Path, help="file holding the system text")
@@ -35,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        from selfalign.store import read_jsonl_numbered
         from selfalign.train.config import TrainConfig, load_train_config
         from selfalign.train.data import read_examples
         from selfalign.train.sft import train_sft
@@ -47,9 +54,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"cannot read: {exc.strerror}", file=args.system_file) from None
         else:
             system_text = args.system
-        result = train_sft(
-            read_examples(args.examples), args.base, args.out, config, system_text=system_text
-        )
+        if args.dpo is not None:
+            from selfalign.train.config import DPOSettings
+            from selfalign.train.dpo import train_dpo
+            from selfalign.validation import load_yaml, validate_model
+
+            dpo = validate_model(DPOSettings, load_yaml(args.dpo) or {}, file=args.dpo)
+            pairs = [row for _, row in read_jsonl_numbered(args.examples)]
+            result = train_dpo(pairs, args.base, args.out, config, dpo, system_text=system_text)
+        else:
+            result = train_sft(
+                read_examples(args.examples), args.base, args.out, config, system_text=system_text
+            )
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

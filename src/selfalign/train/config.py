@@ -142,3 +142,28 @@ def parse_train_config(data: object, *, file: str | Path | None = None) -> Train
 def load_train_config(path: str | Path) -> TrainConfig:
     path = Path(path)
     return parse_train_config(load_yaml(path), file=path)
+
+
+class DPOSettings(StrictModel):
+    """The preference loss of a DPO run (trl's ``DPOConfig``); the schedule, batch and
+    adapter are a ``TrainConfig``."""
+
+    beta: float = Field(
+        0.1, gt=0, description="how far the policy may move from the reference (higher: less)"
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = Field(
+        "sigmoid", description="sigmoid is the DPO paper's loss; ipo, hinge, ... as in trl"
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="robust DPO: the chance a pair's label is flipped"
+    )
+
+
+def dpo_train_config() -> TrainConfig:
+    """DPO's schedule by default: continuing an adapter needs a smaller step than SFT (lr
+    5e-5 against 4e-4), a short warm-up, global batch 64 and sequences of up to 1024
+    tokens (prompt + the longer answer)."""
+    return TrainConfig(
+        learning_rate=5e-5, lr_scheduler="cosine", warmup_ratio=0.1, global_batch_size=64,
+        max_length=1024,
+    )  # fmt: skip

@@ -207,7 +207,8 @@ def check_texts(
     ]
 
 
-def _base_path(adapter_dir: Path) -> str:
+def adapter_base_path(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on (its adapter_config.json says)."""
     from peft import PeftConfig
 
     return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
@@ -215,7 +216,7 @@ def _base_path(adapter_dir: Path) -> str:
 
 def _merge_base(adapter_dir: Path, dtype: torch.dtype, quantized: bool) -> tuple[Any, str]:
     """(the base an adapter is merged into, in ``dtype``; "dequantized" or "full precision")."""
-    base = _load_base(_base_path(adapter_dir), dtype, quantized)
+    base = _load_base(adapter_base_path(adapter_dir), dtype, quantized)
     if getattr(base, "hf_quantizer", None) is None:
         return base, "full precision"
     return base.dequantize(dtype=dtype), "dequantized"

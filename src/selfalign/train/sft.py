@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 # Settings that do not change what the training computes (safe to differ on resume).
-_NOT_FINGERPRINTED = {"resume", "keep_checkpoints", "merge", "save_total_limit", "logging_steps",
+NOT_FINGERPRINTED = {"resume", "keep_checkpoints", "merge", "save_total_limit", "logging_steps",
                       "report_to", "logging_dir"}  # fmt: skip
 # Fewer optimizer steps than this is hardly a schedule (warm-up and decay over a handful).
 MIN_OPTIMIZER_STEPS = 10
@@ -143,11 +143,15 @@ def plan_training(
     examples: list[dict], tokenizer: PreTrainedTokenizerBase, config: TrainConfig, system_text: str
 ) -> TrainPlan:
     """Counts, optimizer steps and warm-up for these examples, with what looks wrong in them."""
-    prompts, full = token_lengths(tokenizer, examples, system_text)
+    return plan_from_lengths(*token_lengths(tokenizer, examples, system_text), config)
+
+
+def plan_from_lengths(prompts: list[int], full: list[int], config: TrainConfig) -> TrainPlan:
+    """``plan_training`` from (prompt tokens, whole example tokens) per example."""
     limit = config.max_length
     dropped = sum(p >= limit for p in prompts)
     truncated = sum(p < limit < n for p, n in zip(prompts, full, strict=True))
-    kept, processes = len(examples) - dropped, world_size()
+    kept, processes = len(prompts) - dropped, world_size()
     if not kept:
         raise InputError(
             f"every example's prompt alone fills max_length {limit}: nothing to learn",
@@ -189,10 +193,12 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def sft_arguments(
+def trainer_arguments(
     config: TrainConfig, out_dir: Path, precision: str, warmup_steps: int
-) -> SFTConfig:
-    return SFTConfig(
+) -> dict:
+    """The ``TrainingArguments`` every selfalign trainer shares (SFT, DPO): schedule,
+    batch, precision, checkpoints and logging."""
+    return dict(
         output_dir=str(out_dir / CHECKPOINT_SUBDIR),
         per_device_train_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.accumulation_steps(world_size()),
@@ -218,6 +224,14 @@ def sft_arguments(
         # no accelerator: CPU processes (gloo under accelerate launch), never a silent no-DDP run
         ddp_find_unused_parameters=False,  # frozen weights do not require grad: nothing unused
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+    )
+
+
+def sft_arguments(
+    config: TrainConfig, out_dir: Path, precision: str, warmup_steps: int
+) -> SFTConfig:
+    return SFTConfig(
+        **trainer_arguments(config, out_dir, precision, warmup_steps),
         # prompt-completion data: labels -100 on the prompt, the answer is trained
         completion_only_loss=True,
         assistant_only_loss=False,
@@ -266,7 +280,7 @@ def inputs_fingerprint(
     examples: list[dict], base_model: Path, config: TrainConfig, system_text: str
 ) -> str:
     """What a checkpoint depends on; a checkpoint of other inputs must not be resumed."""
-    settings = config.model_dump(exclude=_NOT_FINGERPRINTED)
+    settings = config.model_dump(exclude=NOT_FINGERPRINTED)
     h = hashlib.sha256()
     for part in (settings, str(Path(base_model).resolve()), system_text, world_size()):
         h.update(json.dumps(part, sort_keys=True).encode())

@@ -1,0 +1,94 @@
+"""The ``dpo`` stage: direct preference optimisation on the ``preferences`` pairs, continuing
+the engraved model (``train.dpo``): its LoRA adapter trains on, and the reference is a frozen
+copy of it, so policy and reference start as the engraved model on one copy of the base.
+
+The prompt side of every pair is what the engraved model was trained on: its system text
+(from its ``train_log.json``) and the user turn, through its chat template, which the DPO
+model keeps. Output ``dpo/model``: an adapter folder (merged weights under ``merged/`` with
+``merge: true``) with ``train_log.json`` (per-step loss and reward margins), then the
+end-of-turn guard as after every training stage. Checkpoints, resume and ``accelerate
+launch`` as for the SFT stages.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import Field
+
+from selfalign.config import StageConfig
+from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, StageContext
+from selfalign.stages.training import (
+    LaunchConfig,
+    train_log,
+    train_model,
+    trained_system_text,
+    training_summary,
+)
+from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_stats
+from selfalign.train.config import DPOSettings, TrainConfig, dpo_train_config
+
+ARTIFACT = "dpo/model"
+
+
+class DPOStageConfig(StageConfig):
+    train: TrainConfig = Field(
+        default_factory=dpo_train_config,
+        description="schedule and batch; an adapter continued keeps its own rank and modules",
+    )
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    max_pairs: int | None = Field(
+        None, gt=0, description="train on N pairs drawn at random (run seed) from all of them"
+    )
+    turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
+
+
+def training_pairs(records: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
+    if max_pairs is not None and max_pairs < len(pairs):
+        pairs = random.Random(seed).sample(pairs, max_pairs)
+    return pairs
+
+
+def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
+    """The training summary plus DPO's last reward margin and accuracy (the share of pairs
+    whose chosen answer gained more log-likelihood over the reference than the rejected)."""
+    stats = training_summary(ctx.artifact())
+    last = (train_log(ctx.artifact()).get("history") or [{}])[-1]
+    for key in ("rewards/margins", "rewards/accuracies"):
+        if key in last:
+            stats[key.replace("/", "_")] = round(last[key], 4)
+    return {**stats, **turn_end_stats(ctx)}
+
+
+def run_dpo(ctx: StageContext) -> Iterator[Artifact]:
+    cfg: DPOStageConfig = ctx.config  # type: ignore[assignment]
+    pairs = training_pairs(ctx.inputs("preferences"), cfg.max_pairs, ctx.seed_for("max_pairs"))
+    if not pairs:
+        raise RuntimeError("the preferences stage kept no pairs: nothing to train DPO on")
+    start = ctx.artifact("engraved")
+    system_text = trained_system_text(start)
+    if system_text is None:
+        raise RuntimeError(f"{start} does not say which system text it was trained with")
+
+    def build(folder: Path) -> None:
+        ctx.log(f"DPO on {len(pairs)} pairs, continuing {start.name}")
+        train_model(pairs, start, folder, cfg.train, system_text, cfg.launch, dpo=cfg.dpo)
+
+    yield Artifact(build, examples=len(pairs))
+    check_turn_end(ctx, ctx.artifact(), cfg.turn_end)
+
+
+def estimate(cfg: DPOStageConfig, ectx: EstimateContext) -> Estimate:
+    """No generation: it trains on the kept pairs (``max_pairs`` at most)."""
+    n = ectx.inputs("preferences")
+    return Estimate(train_examples=min(n, cfg.max_pairs or n))
+
+
+STAGE = Stage(
+    "dpo", DPOStageConfig, run_dpo, inputs=("engraved", "preferences"), summarize=_summary,
+    artifact=ARTIFACT, estimate=estimate,
+)  # fmt: skip
