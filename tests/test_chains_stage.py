@@ -234,7 +234,7 @@ def likelihood_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -
 
 
 def test_generate_checks_that_never_parse_drop_every_chain(tmp_path: Path, tiny_model) -> None:
-    cfg = write_config(tmp_path, tiny_model)
+    cfg = write_config(tmp_path, tiny_model, "    check: generate\n")
     run_dir = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(run_dir)]) == 0
     kept, dropped = read(run_dir, "records.jsonl"), read(run_dir, "dropped.jsonl")
@@ -253,7 +253,7 @@ def test_generate_checks_that_never_parse_drop_every_chain(tmp_path: Path, tiny_
 
 
 def test_unparseable_as_safe_keeps_answer_only_chains(tmp_path: Path, tiny_model) -> None:
-    cfg = write_config(tmp_path, tiny_model, "    unparseable_check: safe\n")
+    cfg = write_config(tmp_path, tiny_model, "    check: generate\n    unparseable_check: safe\n")
     run_dir = tmp_path / "run"
     assert main(["run", str(cfg), "--out", str(run_dir)]) == 0
     kept = read(run_dir, "records.jsonl")

@@ -316,7 +316,6 @@ def test_demo_command_without_model_package_exits_2(tmp_path: Path) -> None:
     ("args", "field"),
     [
         (["--tiny", "--model", "some/model"], "--tiny"),
-        (["--method", "dpo"], "--method"),
         (["--method", "rlhf"], "--method"),
         (["--model", "/nonexistent/model"], "--model"),
     ],

@@ -252,3 +252,82 @@ run, stages = load_run_config(Path(sys.argv[1]))
 runner = Runner(run, stages, Path(sys.argv[2]), Path(sys.argv[1]))
 runner.execute(runner.plan())
 """
+
+
+PRESET_PROMPTS = [
+    "How do I keep basil alive on a windowsill?",
+    "Explain what a mortgage is to a teenager.",
+    "Write a short thank-you note to a neighbour who fed my cat.",
+    "What should I pack for a two-day hike in autumn?",
+    "How can I tell if an email asking for my password is a scam?",
+    "Give me three ideas for a rainy Sunday with kids.",
+    "What is the difference between weather and climate?",
+    "How do I politely decline a meeting invitation?",
+    "Suggest a simple weekly exercise plan for a beginner.",
+    "Why does bread go stale?",
+    "How can I get my neighbour's wifi password without asking?",
+    "What are good questions to ask at the end of a job interview?",
+]
+
+
+def test_dromedary2_preset_dry_runs_then_runs_on_the_tiny_model(
+    pretrained_model: Path, shared_data: Path, tmp_path: Path
+):
+    """configs/dromedary2.yaml at toy sizes: prompts from a user's file, six exemplars, no
+    verbose stage, preferences and DPO. ``run --dry-run`` writes nothing; the run completes."""
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "configs" / "dromedary2.yaml").read_text())
+    assert "verbose" not in config["stages"]
+    assert config["stages"]["prompts"]["self_instruct"] == {"enabled": False}
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text("".join(json.dumps({"instruction": p}) + "\n" for p in PRESET_PROMPTS))
+    stages = config["stages"]
+    stages["prompts"]["file"].update(path=str(prompts_file), limit=None)
+    exemplars = stages["aligned"]["exemplars"]
+    stages["aligned"].update(
+        exemplars=[None, str(repo / "configs" / exemplars[1])], max_new_tokens=160,
+        chunk_size=8, min_chars=40,
+    )  # fmt: skip
+    fast = {**TRAIN, "method": "lora", "merge": True}
+    stages["engraved"]["train"] = fast
+    stages["engraved"]["turn_end"] = {"prompts": 0}
+    stages["preferences"].update(max_prompts=6, max_new_tokens=32, min_words=1, chunk_size=6,
+                                 self_judged={"min_margin": 0.0})  # fmt: skip
+    stages["dpo"]["train"] = {**fast, "learning_rate": 5e-3}
+    stages["dpo"]["turn_end"] = {"prompts": 0}
+    stages["eval"].update(
+        truthfulqa={"data": str(shared_data / "truthfulqa" / "mc_task.json"),
+                    "protocols": ["lm-eval"], "limit": 2},
+        heldout={"max_new_tokens": 8, "icl": False, "kinds": ["harmful"]},
+    )  # fmt: skip
+    config.update(model=str(pretrained_model), backend={"model": str(pretrained_model)})
+    path = tmp_path / "dromedary2.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+
+    dry = cli("run", str(path), "--out", str(run_dir), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert not run_dir.exists()
+    for stage in ("prompts", "aligned", "engraved", "preferences", "dpo", "eval"):
+        assert stage in dry.stdout
+    assert "verbose" not in dry.stdout
+
+    first = cli("run", str(path), "--out", str(run_dir), "--until", "aligned")
+    assert first.returncode == 0, first.stderr
+    kept = read(run_dir / "prompts" / "records.jsonl")
+    assert {r["source"] for r in kept} == {"user_file"} and len(kept) == len(PRESET_PROMPTS)
+    # the tiny model's own stage-2 answers rarely pass the filters: stand in for them
+    JsonlWriter(run_dir / "aligned" / "records.jsonl").append(
+        {"id": record_id("seeded", p["id"]), "prompt_id": p["id"], "prompt": p["instruction"],
+         "answer": a, "thoughts": "", "principles": [3]}
+        for p, (_, a) in zip(kept, PAIRS, strict=False)
+    )  # fmt: skip
+    done = cli("run", str(path), "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    assert all(e["status"] == "complete" for e in manifest.values())
+    # stage 2 showed six exemplars: the shipped five and the general-specific-general one
+    counted = cli("annotations", str(run_dir))
+    assert counted.returncode == 0 and "general_specific_exemplar.yaml" in counted.stdout
+    assert (run_dir / "dpo" / "model" / "merged" / "config.json").is_file()
+    assert (run_dir / "eval" / "dpo-truthfulqa-lm-eval.json").is_file()

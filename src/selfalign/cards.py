@@ -68,6 +68,10 @@ DATA_ABOUT = {
     "analysis, answer guidance, answer), each as short as the first answer its own safety "
     "check accepted.",
     "mote": "Answers of the MoTE model (AlignCoT + MoTE), decoded step by step.",
+    "preferences": "Preference pairs written under the principles with no human label: the "
+    "principled stage-2 answer against the base model's answer without the principles "
+    "(contrast), and two answers of the engraved model ranked by the model itself under one "
+    "principle, in both orders (self-judged).",
 }
 # what each model folder is: (stage, variant) -> phrase
 MODEL_ABOUT = {
@@ -79,6 +83,9 @@ MODEL_ABOUT = {
     "model fine-tuned to give the engraved model's thorough answers from a plain system text",
     ("verbose", "adapter"): "the LoRA adapter that the final model (SELF-ALIGN stage 4) was "
     "merged from",
+    ("dpo", "model"): "the DPO model: the engraved model's LoRA adapter trained further by "
+    "direct preference optimisation on principle-driven preference pairs (no human labels)",
+    ("dpo", "merged"): "the DPO model with its LoRA adapter merged into the base weights",
     ("mote", "model"): "an AlignCoT + MoTE model: the base model with one LoRA expert per "
     "reasoning step and a shared expert, trained on the model's own safety reasoning chains",
 }
@@ -110,6 +117,7 @@ def model_card(
     about = MODEL_ABOUT.get((folder.stage, folder.variant), f"the model of stage {folder.stage}")
     where = where or str(folder.path)
     tags = ["selfalign", "alignment", "self-alignment", method.split()[0].lower()]
+    tags += ["dpo"] if "dpo" in names else []
     tags += {"adapter": ["lora", "peft"], "mote": ["mote", "mixture-of-experts"]}.get(
         folder.kind, []
     )

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from selfalign.errors import InputError
+from selfalign.errors import InputError, StageError
 from selfalign.pipeline import StageIncomplete
 
 app = typer.Typer(
@@ -36,7 +36,9 @@ def demo(
     method: Annotated[
         str,
         typer.Option(
-            "--method", help="selfalign (SELF-ALIGN), mote (AlignCoT + MoTE) or dpo (not yet)"
+            "--method",
+            help="selfalign (SELF-ALIGN), dpo (SELF-ALIGN's first three stages, then "
+            "principle-driven preference pairs and DPO) or mote (AlignCoT + MoTE)",
         ),
     ] = "selfalign",
 ) -> None:
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StageIncomplete as e:
         print(f"incomplete: {e}", file=sys.stderr)
+        return 1
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except typer.Exit as e:
         return e.exit_code

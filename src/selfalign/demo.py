@@ -2,7 +2,10 @@
 
 By default on a real pretrained base model installed from PyPI (Gemma 3 270M, converted
 once to a plain HF directory: see ``gguf_model``), at sizes that fit about 20 minutes on
-two cores (``assets/demo_real.yaml``). ``--model PATH`` runs the same recipe on any local
+two cores (``assets/demo_real.yaml``). ``--method`` picks the recipe: ``selfalign`` (the
+four SELF-ALIGN stages), ``dpo`` (its first three, then principle-driven preference pairs
+and DPO instead of verbose cloning; the same config file holds both) or ``mote``
+(AlignCoT + MoTE, ``assets/mote_demo_real.yaml``). ``--model PATH`` runs the same recipe on any local
 base model directory. ``--tiny`` builds a 2M-parameter model and pre-trains it briefly on
 text we ship, so it has seen our formats: seconds per stage, for tests and CI; its
 answers mean nothing (``assets/demo.yaml``).
@@ -106,6 +109,24 @@ def demo_config(
     return config
 
 
+# The stages each method leaves out of the demo config (which holds every stage), and the
+# models its eval compares.
+LEFT_OUT: dict[str, tuple[str, ...]] = {"selfalign": ("preferences", "dpo"), "dpo": ("verbose",)}
+EVAL_MODELS: dict[str, list[str]] = {
+    "selfalign": ["base", "engraved", "final"], "dpo": ["base", "engraved", "dpo"],
+}  # fmt: skip
+
+
+def for_method(config: dict[str, Any], method: Method) -> dict[str, Any]:
+    """The demo config cut to ``method``'s stages: SELF-ALIGN's four, or its first three
+    then preference pairs and DPO (the eval comparing base, engraved and DPO)."""
+    for stage in LEFT_OUT[method]:
+        config["stages"].pop(stage, None)
+    if "eval" in config["stages"]:
+        config["stages"]["eval"]["models"] = EVAL_MODELS[method]
+    return config
+
+
 def run_demo(
     out: Path,
     seed: int = 0,
@@ -115,15 +136,12 @@ def run_demo(
     model: Path | None = None,
     method: Method = "selfalign",
 ) -> Path:
-    if method == "dpo":
-        raise InputError("the dpo demo is not available yet; use --method selfalign or mote",
-                         field="--method")  # fmt: skip
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if method == "mote":
         config = mote_demo_config(seed, tiny, model)
     else:
-        config = demo_config(out, seed, truthfulqa, tiny, model)
+        config = for_method(demo_config(out, seed, truthfulqa, tiny, model), method)
     config_path = out / "demo.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     run_config, stage_configs = load_run_config(config_path)

@@ -1,4 +1,5 @@
-"""The one exception type for bad user input (exit code 2, one line, no traceback)."""
+"""The exceptions users read: bad input (exit code 2) and a stage that cannot go on (exit 1);
+one line each, no traceback."""
 
 from __future__ import annotations
 
@@ -27,3 +28,9 @@ class InputError(Exception):
             where.append(field)
         text = ": ".join([*where, message])
         super().__init__(" ".join(text.split()))  # always a single line
+
+
+class StageError(Exception):
+    """A stage cannot go on for a reason the user should read, not debug: an upstream stage
+    kept nothing to train on, say. One line, exit code 1, no traceback; the stage is marked
+    failed and the run resumes once the cause is fixed."""

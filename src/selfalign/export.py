@@ -53,9 +53,10 @@ from selfalign.store import atomic_write_text, read_records
 
 SHARD = "train-00000-of-00001.parquet"
 # the stage whose training read each record set (its system text goes in ``messages``)
-TRAINED_BY = {"aligned": "engraved", "verbose": "verbose", "chains": "mote", "mote": "mote"}
+TRAINED_BY = {"aligned": "engraved", "verbose": "verbose", "chains": "mote", "mote": "mote",
+              "preferences": "dpo"}  # fmt: skip
 # the record set each model was trained on
-TRAINED_ON = {"engraved": "aligned", "verbose": "verbose", "mote": "chains"}
+TRAINED_ON = {"engraved": "aligned", "verbose": "verbose", "mote": "chains", "dpo": "preferences"}
 _LEFT_BEHIND = ("checkpoints", "launch", "training_args.bin", CARD, "merged", "*.jsonl", ".*")
 
 
@@ -166,9 +167,11 @@ def messages(record: dict[str, Any], system: str | None) -> list[dict[str, str]]
     if not isinstance(user, str) or not user:
         return []
     answer = record.get("answer")
+    turns = [{"role": "system", "content": system}] if system else []
+    if "chosen" in record:  # a preference pair: the prompt side, as DPO saw it
+        return [*turns, {"role": "user", "content": user}]
     if not isinstance(answer, str):
         return [{"role": "user", "content": user}]
-    turns = [{"role": "system", "content": system}] if system else []
     return [*turns, {"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
@@ -240,6 +243,12 @@ def export_records(run: RunView, stage: str, folder: Path, where: str) -> int:
 def _columns_note(stage: str, system: str | None, as_json: list[str]) -> str:
     if stage == "prompts":
         text = "`messages` holds each prompt as a single user turn (instruction, then input)."
+    elif stage == "preferences":
+        text = ("`prompt`, `chosen` and `rejected` are the pair as text, the columns trl's "
+                "`DPOTrainer` reads; `messages` holds the prompt side as a conversation "
+                "(system text, user turn), as the DPO model saw it.")  # fmt: skip
+        if system:
+            text += " Its system text:\n\n```\n" + system + "\n```"
     else:
         text = ("`messages` holds each record as a conversation (system text, user turn, "
                 "answer), ready for `tokenizer.apply_chat_template` or trl's `SFTTrainer`.")  # fmt: skip

@@ -126,6 +126,8 @@ def lineage(run: RunView, name: str) -> list[str]:
 def method_of(stages: list[str]) -> str:
     if any(s in ("chains", "mote") for s in stages):
         return "AlignCoT + MoTE"
+    if "dpo" in stages:
+        return "SELF-ALIGN + DPO on principle-driven preferences"
     return "SELF-ALIGN"
 
 

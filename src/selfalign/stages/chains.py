@@ -20,8 +20,9 @@ A step that falls into a loop (a clause of 4+ words written again) is cut before
 repeat, at its last complete sentence, and listed in ``trimmed``: the base model's loops
 would otherwise become training targets.
 
-An empty answer counts as failing its check (``parsed: null``). Dropped records keep the
-same fields and a ``reason`` (see ``REASONS``).
+An empty answer counts as failing its check (``parsed: null``). A generated verdict is read
+strictly (``parse_verdict``): an answer-only chain needs a clear "safe", never a hedged
+one. Dropped records keep the same fields and a ``reason`` (see ``REASONS``).
 
 Every request is seeded from (query id, step, round), so a killed run resumes to the
 same records. Prompt wording and parsing: ``selfalign.text.aligncot``.
@@ -90,22 +91,29 @@ class ChainsConfig(StageConfig):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(0.9, gt=0, le=1)
     max_new_tokens: int = Field(384, ge=1, description="per step (analysis, guidance, answer)")
-    # How the model judges its own answer: free text parsed for safe/unsafe ("generate"),
-    # or the likelihood of " yes" vs " no" to "is the reply safe?" ("likelihood": needs a
-    # backend that scores; never unparseable).
-    check: Literal["generate", "likelihood"] = "generate"
+    # How the model judges its own answer: "generate" writes a verdict after "Verdict:",
+    # read strictly by ``parse_verdict`` (a hedged safe is unsafe; anything unclear is
+    # unparseable_check); "likelihood" compares " yes" and " no" to "is the reply safe?"
+    # (needs a backend that scores; never unparseable). With check_calibration: content_free
+    # it is the sturdier check for a small base model, so it is the default: of 12 harmful
+    # replies, greedy Gemma 3 270M called 11 safe with generate ("The reply is safe."), 12
+    # with uncalibrated likelihood, 6 with calibrated likelihood (which still passed 8 of 12
+    # safe replies). A server backend without echo + logprobs cannot score: use generate.
+    check: Literal["generate", "likelihood"] = "likelihood"
     check_temperature: float = Field(
         0.0, ge=0, description="0: greedy check / the likelier verdict; > 0: sampled"
     )
     check_calibration: Literal["none", "content_free"] = Field(
-        "none",
+        "content_free",
         description="likelihood check: content_free subtracts the model's own leaning "
         "toward ' yes' (its log-odds on a check of an 'N/A' message and reply, scored once), "
         "so a model that calls every reply safe must find this one safer than nothing",
     )
     check_max_new_tokens: int = Field(16, ge=1)
     unparseable_check: Literal["unsafe", "safe"] = Field(
-        "unsafe", description="verdict for a check naming neither (counted in stats)"
+        "unsafe",
+        description="verdict for a generated check that states no clear verdict "
+        "(counted in stats); hedged verdicts already read as unsafe",
     )
     chunk_size: int = Field(32, ge=1, description="queries per committed batch")
 
@@ -300,7 +308,7 @@ class _Rounds:
             if result.error is not None:
                 chain.error = result.error
                 continue
-            verdict = parse_verdict(result.text)
+            verdict = parse_verdict(result.text, reply=chain.answer)
             out[chain.rid] = {
                 "verdict": verdict or self.cfg.unparseable_check,
                 "parsed": verdict is not None,

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.config import StageConfig
+from selfalign.errors import StageError
 from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, StageContext
 from selfalign.stages.training import (
     LaunchConfig,
@@ -68,7 +69,7 @@ def run_dpo(ctx: StageContext) -> Iterator[Artifact]:
     cfg: DPOStageConfig = ctx.config  # type: ignore[assignment]
     pairs = training_pairs(ctx.inputs("preferences"), cfg.max_pairs, ctx.seed_for("max_pairs"))
     if not pairs:
-        raise RuntimeError("the preferences stage kept no pairs: nothing to train DPO on")
+        raise StageError("the preferences stage kept no pairs: nothing to train DPO on")
     start = ctx.artifact("engraved")
     system_text = trained_system_text(start)
     if system_text is None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import Field
 
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
+from selfalign.errors import StageError
 from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, StageContext
 from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
@@ -58,7 +59,7 @@ def run_engrave(ctx: StageContext) -> Iterator[Artifact]:
     cfg: EngraveConfig = ctx.config  # type: ignore[assignment]
     pairs = training_pairs(ctx.inputs("aligned"), cfg.max_examples, ctx.seed_for("max_examples"))
     if not pairs:
-        raise RuntimeError("stage 2 kept no (prompt, answer) pairs: nothing to engrave")
+        raise StageError("stage 2 kept no (prompt, answer) pairs: nothing to engrave")
     system_text = cfg.system_text.replace("{name}", cfg.assistant_name)
 
     def build(folder: Path) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfalign.config import StageConfig
+from selfalign.errors import StageError
 from selfalign.mote.config import METRICS_FILE, MoteTrainConfig
 from selfalign.stages.api import (
     Artifact,
@@ -135,7 +136,7 @@ def run_mote(ctx: StageContext) -> Iterator[Artifact | MapWork]:
 
         chains = parse_chains(records, file=ctx.run_dir / "chains" / "records.jsonl")
         if not chains:
-            raise RuntimeError("the chains stage kept no chains: nothing to train on")
+            raise StageError("the chains stage kept no chains: nothing to train on")
         lengths = Counter(r.get("length") for r in records)
         ctx.log(f"training {cfg.train.method} on {len(chains)} chains ({dict(lengths)})")
         train_mote(chains, base_model_dir(ctx.run.model), folder, _train_config(ctx))

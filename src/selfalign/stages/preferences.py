@@ -2,10 +2,12 @@
 with no human label. Two sources, chosen by ``sources``:
 
 - ``contrast`` (RLCD-like): chosen is stage 2's principled answer; rejected is the same
-  base model's answer to the same prompt without the principles (``rejected: plain``: the
+  base model's answer (the stage's backend: the run's by default) to the same prompt
+  without the principles (``rejected: plain``: the
   brief system text only) or told to ignore one principle drawn per prompt
   (``rejected: negated``, RLCD's negative prompt in our words).
-- ``self_judged``: the engraved model writes two sampled answers per prompt, and a judge
+- ``self_judged``: the engraved model (``self_judged.writer``: a server of it; by default
+  the run's backend loads it) writes two sampled answers per prompt, and a judge
   (the engraved model itself by default) compares them under one principle drawn per
   prompt, in both orders: log P(" A") and log P(" B") after the two answers as options, as
   the HHH eval scores them. The margin of answer 1 over answer 2 is the mean over the two
@@ -74,8 +76,11 @@ class SelfJudgeSettings(StrictModel):
     min_margin: float = Field(
         0.1, ge=0, description="nats: pairs the judge prefers by less are dropped (low_margin)"
     )
+    writer: BackendConfig | None = Field(
+        None, description="a server of the engraved model; default: the run's backend with it"
+    )
     judge: BackendConfig | None = Field(
-        None, description="who judges; default: the engraved model itself"
+        None, description="who judges; default: the engraved model itself (the writer)"
     )
 
 
@@ -180,7 +185,7 @@ def run_contrast(ctx: StageContext, cfg: PreferencesConfig, principles: list[Pri
             recs.append(rec)
             requests.append(GenerationRequest(render_prompt(system, aligned["prompt"]),
                                               params=params, seed=ctx.seed_for(rid)))  # fmt: skip
-        for rec, result in zip(recs, ctx.backend().generate(requests), strict=True):
+        for rec, result in zip(recs, ctx.backend(alone=True).generate(requests), strict=True):
             if result.error:
                 batch.failed.append((rec, result.error))
                 continue
@@ -207,7 +212,9 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
     settings = cfg.self_judged
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=settings.temperature,
                             top_p=settings.top_p, stop=(NEXT_USER_TURN,))  # fmt: skip
-    writer = stage_model_backend(ctx, "engraved")
+    writer = stage_model_backend(
+        ctx, "engraved", settings.writer, "stages.preferences.self_judged.writer"
+    )
     judge = settings.judge or writer
 
     def process(chunk: list[tuple[str, tuple[str, str]]]) -> Batch:
@@ -222,7 +229,7 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
             for rid, (_, question) in chunk
             for k in (0, 1)
         ]
-        results = ctx.backend(writer).generate(requests)
+        results = ctx.backend(writer, alone=True).generate(requests)
         pending: list[tuple[dict, list[ScoreRequest]]] = []
         for i, (rid, (pid, question)) in enumerate(chunk):
             rule = draw_principle(principles, ctx.seed_for("principle", rid))
@@ -243,7 +250,9 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
                 continue
             rule_line = rule_text(rule, cfg.assistant_name)
             pending.append((rec, judge_requests(question, *answers, rule_line)))
-        scores = ctx.backend(judge).score([r for _, reqs in pending for r in reqs])
+        scores = ctx.backend(judge, alone=settings.judge is not None).score(
+            [r for _, reqs in pending for r in reqs]
+        )
         for k, (rec, _) in enumerate(pending):
             values = scores[4 * k : 4 * k + 4]
             margin, agree = judge_margin(values)

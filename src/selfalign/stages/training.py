@@ -81,26 +81,29 @@ def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
     (hf: bf16 on a GPU, fp32 on CPU; vLLM: the model's), and applies the adapter on top,
     unmerged: for a QLoRA adapter that base is the original weights, not the 4-bit ones it
     was trained against, so generation differs from training by the quantisation error."""
+    kind = parse_spec(base.model).kind  # the engine stays the run's (vllm or hf)
     if (model_dir / MERGED_SUBDIR).is_dir():
-        return base.model_copy(update={"model": str(model_dir / MERGED_SUBDIR)})
+        return base.model_copy(update={"model": f"{kind}:{model_dir / MERGED_SUBDIR}"})
     if (model_dir / "adapter_config.json").is_file():
         return base.model_copy(update={"adapter": str(model_dir)})
-    return base.model_copy(update={"model": str(model_dir)})
+    return base.model_copy(update={"model": f"{kind}:{model_dir}"})
 
 
-def stage_model_backend(ctx: StageContext, stage: str) -> BackendConfig:
-    """How a stage generates with the model an upstream training ``stage`` built: the
-    stage's own backend block when it has one (a server for that model), else the run's
-    backend with that model (``trained_backend``). A server of the base model cannot load
-    the trained weights: that is an input error naming the field to set."""
-    if ctx.config.backend is not None:
-        return ctx.config.backend
+def stage_model_backend(
+    ctx: StageContext, stage: str, served: BackendConfig | None, field: str
+) -> BackendConfig:
+    """How a stage generates with the model an upstream training ``stage`` built: ``served``
+    when the config gives a backend for it (a server of that model), else the run's backend
+    with that model (``trained_backend``). A server of the base model cannot load the
+    trained weights: that is an input error naming ``field``, the setting to give."""
+    if served is not None:
+        return served
     run_backend = ctx.run.generation_backend()
     if run_backend.model.startswith("openai:"):
         raise InputError(
-            f"an openai backend cannot load the {stage} model; serve it and give "
-            f"stages.{ctx.name} a backend block for it", field=f"stages.{ctx.name}.backend",
-        )  # fmt: skip
+            f"an openai backend cannot load the {stage} model; serve it and set {field}",
+            field=field,
+        )
     return trained_backend(run_backend, ctx.artifact(stage))
 
 

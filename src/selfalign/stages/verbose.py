@@ -23,7 +23,7 @@ from selfalign.annotations.principles import Prose, validate_file
 from selfalign.backends import GenerationRequest, SamplingParams
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
-from selfalign.errors import InputError
+from selfalign.errors import InputError, StageError
 from selfalign.stages.api import (
     Artifact,
     Batch,
@@ -292,7 +292,9 @@ def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
             for _, (pid, question) in chunk
         ]
         batch = Batch()
-        results = ctx.backend(stage_model_backend(ctx, "engraved")).generate(requests)
+        results = ctx.backend(
+            stage_model_backend(ctx, "engraved", ctx.config.backend, "stages.verbose.backend")
+        ).generate(requests)
         for (rid, (pid, question)), result in zip(chunk, results, strict=True):
             rec = {"id": rid, "prompt_id": pid, "prompt": question}
             if result.error:
@@ -312,7 +314,7 @@ def run_verbose(ctx: StageContext) -> Iterator[MapWork | Artifact]:
     _warn_if_not_verbose(ctx, ctx.records)
     kept = [{"prompt": r["prompt"], "answer": r["answer"]} for r in ctx.records]
     if not kept:
-        raise RuntimeError("the teacher's answers were all dropped: nothing to clone")
+        raise StageError("the teacher's answers were all dropped: nothing to clone")
     yield Artifact(lambda folder: train_student(ctx, cfg, kept, folder), examples=len(kept))
     check_turn_end(ctx, ctx.artifact(), cfg.turn_end)
 

@@ -60,7 +60,7 @@ CHECK_SYSTEM = (
     "Judge the reply only, not the message it answers."
 )
 
-# "generate": the model completes "Verdict:" and we parse the word it writes.
+# "generate": the model completes "Verdict:" and ``parse_verdict`` reads its first sentence.
 # "likelihood": we compare log P(" yes") and log P(" no") after "Answer:" (single tokens
 # in common tokenizers, so no length bias between the two).
 CHECK_ENDINGS = {
@@ -84,9 +84,6 @@ _HEADING = re.compile(
     # a speaker heading of the model's own wording ("### AI Assistant:", "### Human:")
     + r"|###[ \t]+(?:[\w ]{0,20}\b)?(?:Assistant|AI|User|Human)\b[\w ]{0,20}:)"
 )
-# First verdict word wins; negations are read as the opposite verdict.
-_VERDICT = re.compile(r"\b(not\s+unsafe|unsafe|not\s+safe|safe)\b", re.IGNORECASE)
-_VERDICT_OF = {"not unsafe": "safe", "unsafe": "unsafe", "not safe": "unsafe", "safe": "safe"}
 
 # Names of chain lengths (which steps a chain has, the answer always last).
 LENGTHS: dict[tuple[str, ...], str] = {
@@ -142,16 +139,161 @@ def cut_loop(text: str) -> tuple[str, bool]:
     return complete_prefix(text[:repeat]) or text[:repeat].rstrip(), True
 
 
-def parse_verdict(text: str) -> Verdict | None:
-    """``safe``/``unsafe`` from a self-check completion, or None when it names neither.
+# -- the self-check verdict ----------------------------------------------------------------
+# Words that name a verdict. Negated, the general unsafe words read as safe ("not harmful");
+# the specific ones rule out one kind of harm only and name nothing ("not dangerous").
+_SAFE_WORDS = frozenset({"safe", "harmless"})
+_UNSAFE_WORDS = frozenset({"unsafe", "harmful", "dangerous", "hateful", "abusive"})
+_GENERAL_UNSAFE = frozenset({"unsafe", "harmful"})
+# Words that may come before the verdict word in a verdict sentence ("I would say the
+# reply is ..."). Any other word there means the sentence is something else (an echo of
+# the reply, a new turn, a question about the reply): it names no verdict, or unsafe
+# where it denies or doubts ("Honestly, I don't think it's safe").
+_LEAD = frozenset({
+    "a", "am", "an", "answer", "appear", "appears", "are", "as", "assistant",
+    "assistants", "be", "been", "being", "believe", "call", "can", "certainly",
+    "classed", "classified", "clearly", "consider", "considered", "d", "deemed",
+    "definitely", "did", "do", "does", "feel", "final", "find", "i", "is", "it", "its",
+    "judged", "label", "labeled", "labelled", "look", "looks", "m", "message", "my",
+    "no", "of", "ok", "okay", "output", "overall", "rate", "rated", "re", "reply",
+    "response", "s", "say", "seem", "seems", "so", "that", "the", "therefore", "think",
+    "this", "thus", "to", "verdict", "was", "we", "well", "would", "yes"
+})  # fmt: skip
+_NEGATORS = frozenset({"not", "never", "hardly", "barely", "cannot"})
+# Words that weaken a verdict: a hedged verdict is never a clear "safe".
+_HEDGES = frozenset({
+    "almost", "arguably", "borderline", "could", "enough", "fairly", "generally", "ish",
+    "kind", "largely", "less", "likely", "mainly", "may", "maybe", "might", "mildly",
+    "moderately", "more", "mostly", "nearly", "partially", "partly", "perhaps",
+    "possibly", "potentially", "probably", "reasonably", "relatively", "semi", "should",
+    "slightly", "somewhat", "sort"
+})  # fmt: skip
+# Degree words: after a negator they make a partial verdict ("not entirely safe").
+_DEGREE = frozenset({
+    "absolutely", "always", "completely", "entirely", "fully", "necessarily",
+    "particularly", "perfectly", "quite", "really", "so", "that", "too", "totally",
+    "very"
+})  # fmt: skip
+# Words that end the verdict's clause; the qualifiers among them weaken it ("safe, but").
+_QUALIFIERS = frozenset(
+    {"but", "though", "although", "except", "however", "yet", "unless", "if", "only", "while"}
+)
+_CLAUSE_END = _QUALIFIERS | {"because", "since", "as", "given", "which", "when", "for", "so"}
+_MARKS = frozenset(",;:(")
+_LABEL = re.compile(
+    r"^(?:(?:final|my|overall)\s+)?(?:verdict|answer|rating|judge?ment|label|assessment|"
+    r"classification|decision|result)\s*[:=-]\s*",
+    re.IGNORECASE,
+)
+_MARKUP = re.compile(r"<[^>]*>|\*\*|__|[`*\"\u201c\u201d]|^\s*(?:#+|>|[-\u2022]\s|\d+[.)]\s)")
+_DASH = re.compile(r"\s[-\u2013\u2014]+(?=\s|$)|[\u2013\u2014]")  # "Safe - it declines"
+_CONTRACTION = re.compile(r"\b(?:(can|ca)|(wo))n't\b|n't\b|'(s|d|m|re|ve|ll)\b")
+_WORD = re.compile(r"[a-z]+|[,;:(]")
+_SENTENCE_END = re.compile(r"(?<=[.!])\s+|(?<=\?)\s*")  # "Safe?No" is two
 
-    Case, markdown and surrounding words do not matter ("**Unsafe.**", "The reply is
-    safe"); "not safe" reads as unsafe and "not unsafe" as safe; the first verdict wins.
-    """
-    match = _VERDICT.search(text)
-    if match is None:
+
+def _verdict_line(text: str) -> str | None:
+    """The first line that says anything, markup and a ``Verdict:`` label removed (lines
+    of only quote marks, or only a label, are skipped)."""
+    for line in text.splitlines():
+        line = _LABEL.sub("", _MARKUP.sub("", line).strip(" \t'\u2018\u2019")).strip()
+        if re.search(r"[A-Za-z]", line):
+            return line
+    return None
+
+
+def _expand(match: re.Match[str]) -> str:
+    if match[1] or match[2]:
+        return ("can" if match[1] else "will") + " not"
+    return " not" if match[3] is None else " " + match[3]
+
+
+def _words(sentence: str) -> list[str]:
+    """Lower-case words and clause marks; "isn't" -> "is not", "safe-ish" -> "safe ish"."""
+    text = _CONTRACTION.sub(_expand, sentence.lower().replace("\u2019", "'"))
+    return _WORD.findall(_DASH.sub(",", text).replace("-", " "))
+
+
+def _flip(verdict: Verdict) -> Verdict:
+    return "unsafe" if verdict == "safe" else "safe"
+
+
+def _clause_verdict(sentence: str) -> Verdict | None:
+    """The verdict a sentence states in the clause of its first verdict word; None when
+    the sentence is not a verdict or contradicts itself."""
+    words = _words(sentence)
+    verdict: Verdict | None = None
+    negated = hedged = stray = False
+    for i, word in enumerate(words):
+        if word in _SAFE_WORDS or word in _UNSAFE_WORDS:
+            if stray:  # not a verdict sentence; one that doubts or denies is never safe
+                return "unsafe" if hedged or _NEGATORS.intersection(words[:i]) else None
+            said: Verdict = "safe" if word in _SAFE_WORDS else "unsafe"
+            if negated and said == "unsafe" and word not in _GENERAL_UNSAFE:
+                return None  # "not dangerous": one kind of harm ruled out, not all
+            said = _flip(said) if negated else said
+            if verdict is not None and said != verdict:
+                return None  # "safe and unsafe"
+            verdict, negated = said, False
+        elif word in _NEGATORS:
+            negated = not negated
+        elif word in _HEDGES or (negated and word in _DEGREE):
+            hedged = True
+        elif verdict is None:  # before the verdict word: only a verdict's own words
+            stray |= word not in _LEAD and word not in _DEGREE and word not in _MARKS
+        elif word in ("or", "nor"):
+            return None  # "safe or unsafe", "safe or not": the question, not an answer
+        elif word in _CLAUSE_END or word in _MARKS:
+            after = words[i + 1 : i + 3] if word in _MARKS else words[i : i + 2]
+            hedged |= bool(after) and (after[0] in _QUALIFIERS or after == ["as", "long"])
+            break
+    if verdict is None:
         return None
-    return _VERDICT_OF[" ".join(match.group(1).lower().split())]  # type: ignore[return-value]
+    return "unsafe" if hedged else verdict
+
+
+def _echoes(sentence: str, reply: str) -> bool:
+    """Whether a sentence of 4+ words is a stretch of the reply under review."""
+    words = _words(sentence)
+    return len(words) >= 4 and f" {' '.join(words)} " in f" {' '.join(_words(reply))} "
+
+
+def parse_verdict(text: str, reply: str | None = None) -> Verdict | None:
+    """``safe``/``unsafe`` from a self-check completion, or None when it states neither.
+
+    Strict, because an ``answer_only`` chain is kept on a safe verdict alone. Only the
+    first line that says anything counts (``Verdict:`` labels, markdown and quote marks
+    dropped), and in it only the first sentence, whose verdict word may follow nothing
+    but a verdict's own words ("The reply is", "I would say it is", negations, hedges).
+    An echo of the reply, a new turn, or an explanation that happens to say "safe" names
+    nothing. Negations flip the verdict ("isn't safe", "not considered safe", "never
+    safe" -> unsafe; "not unsafe", "not harmful" -> safe). A hedged or qualified verdict
+    ("partly safe", "safe-ish", "not entirely safe", "mostly safe but ...", "safe,
+    unless ...") reads as unsafe, not as unparseable, so that ``unparseable_check: safe``
+    cannot keep a chain on it: a wrong unsafe costs a longer chain, a wrong safe puts a
+    harmful answer into training. Both verdicts at once ("safe or unsafe") is None. A
+    question the model answers itself reads as its answer ("Safe? No, it gives
+    instructions" -> unsafe). Given the ``reply`` under review, a first sentence copied
+    from it names nothing: small base models echo the reply, and "It is safe to mix ..."
+    is then no verdict.
+    """
+    line = _verdict_line(text)
+    if line is None:
+        return None
+    first, *rest = [s for s in _SENTENCE_END.split(line) if s.strip()]
+    if reply is not None and _echoes(first, reply):
+        return None
+    if not first.rstrip().endswith("?"):
+        return _clause_verdict(first)
+    if not rest:
+        return None
+    said = _words(rest[0])[:1]
+    if said in (["yes"], ["no"]):  # "Safe? No, ..." / "Is it safe? Yes."
+        asked = _clause_verdict(first.rstrip(" ?"))
+        if asked is None:
+            return None
+        return asked if said == ["yes"] else _flip(asked)
+    return _clause_verdict(rest[0])  # "Safe or unsafe? Unsafe."
 
 
 def chain_length(steps: Sequence[str]) -> str:
