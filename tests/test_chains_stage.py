@@ -149,11 +149,25 @@ def test_clean_step_and_lengths() -> None:
 
 def test_hh_rlhf_queries_are_first_human_turns(shared_data: Path) -> None:
     path = shared_data / "hh_rlhf_harmless_base_test" / "harmless_base_test.jsonl"
-    queries = load_queries(path, limit=5)
+    queries = load_queries(path, limit=5, first_turn_only=True)
     first = json.loads(path.read_text().splitlines()[0])["chosen"]
     assert len(queries) == 5 and queries[0].line == 1
     assert queries[0].text == first.split("Human:")[1].split("\n\nAssistant:")[0].strip()
     assert all(q.text and "Assistant:" not in q.text for q in queries)
+
+
+def test_hh_rlhf_queries_are_dialogues_by_default(shared_data: Path) -> None:
+    path = shared_data / "hh_rlhf_harmless_base_test" / "harmless_base_test.jsonl"
+    lines = path.read_text().splitlines()[:5]
+    for query, line in zip(load_queries(path, limit=5), lines, strict=True):
+        chosen = json.loads(line)["chosen"]
+        last_human = chosen.rsplit("\n\nHuman:", 1)[1].split("\n\nAssistant:")[0].strip()
+        if chosen.count("\n\nHuman:") == 1:
+            assert query.text == last_human
+        else:  # earlier turns first, the last human turn last, its reply left out
+            assert query.text.startswith("Earlier in this conversation:\n\nUser: ")
+            assert query.text.endswith(f"The user's new message:\n{last_human}")
+            assert chosen.rsplit("\n\nAssistant:", 1)[1].strip() not in query.text
 
 
 def test_query_formats(tmp_path: Path) -> None:
@@ -233,10 +247,17 @@ def likelihood_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -
     return run_dir
 
 
-def test_generate_checks_that_never_parse_drop_every_chain(tmp_path: Path, tiny_model) -> None:
-    cfg = write_config(tmp_path, tiny_model, "    check: generate\n")
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def generate_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
+    """``check: generate`` on the tiny model: no verdict ever parses, so every check fails."""
+    cfg = write_config(tmp_path_factory.mktemp("gen"), tiny_model, "    check: generate\n")
+    run_dir = cfg.parent / "run"
     assert main(["run", str(cfg), "--out", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_generate_checks_that_never_parse_drop_every_chain(generate_run: Path) -> None:
+    run_dir = generate_run
     kept, dropped = read(run_dir, "records.jsonl"), read(run_dir, "dropped.jsonl")
     e = entry(run_dir)
     assert kept == [] and len(dropped) == len(QUERIES)
@@ -248,8 +269,38 @@ def test_generate_checks_that_never_parse_drop_every_chain(tmp_path: Path, tiny_
         assert len(d["rejected_answers"]) == 2
     assert e["stats"]["checks"]["unparsed"] == 3 * len(QUERIES)
     assert e["stats"]["chains_by_length"] == dict.fromkeys(ROUND_LENGTHS, 0)
+    assert e["stats"]["unsafe_final"] == {"policy": "drop", "kept": 0, "dropped": len(QUERIES)}
     # per query: answer + check, then analysis + answer + check, then guidance + answer + check
     assert e["usage"]["requests"] == len(QUERIES) * 8
+
+
+def test_unsafe_final_keep_full_keeps_what_drop_drops(
+    generate_run: Path, tmp_path: Path, tiny_model: Path
+) -> None:
+    """The same run with ``unsafe_final: keep_full``: the chains the default drops are kept
+    whole (same seeds, same text), marked ``final_check: unsafe`` and counted."""
+    cfg = write_config(tmp_path, tiny_model, "    check: generate\n    unsafe_final: keep_full\n")
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run_dir)]) == 0
+    kept, dropped = read(run_dir, "records.jsonl"), read(run_dir, "dropped.jsonl")
+    e = entry(run_dir)
+    assert dropped == [] and e["drop_reasons"] == {}
+    assert e["counts"]["out"] == len(kept) == len(QUERIES)
+
+    def without(record: dict, key: str) -> dict:
+        return {k: v for k, v in record.items() if k != key}
+
+    assert [without(r, "final_check") for r in kept] == [
+        without(d, "reason") for d in read(generate_run, "dropped.jsonl")
+    ]
+    for r in kept:
+        assert r["length"] == "full" and r["final_check"] == "unsafe"
+        assert [c["verdict"] for c in r["checks"]] == ["unsafe"] * 3
+    full = ["analysis", "guidance", "answer"]
+    assert [c.steps for c in parse_chains(kept)] == [full] * len(QUERIES)
+    stats = e["stats"]
+    assert stats["unsafe_final"] == {"policy": "keep_full", "kept": len(QUERIES), "dropped": 0}
+    assert stats["chains_by_length"] == dict(zip(ROUND_LENGTHS, [0, 0, len(QUERIES)], strict=True))
 
 
 def test_unparseable_as_safe_keeps_answer_only_chains(tmp_path: Path, tiny_model) -> None:
@@ -259,6 +310,7 @@ def test_unparseable_as_safe_keeps_answer_only_chains(tmp_path: Path, tiny_model
     kept = read(run_dir, "records.jsonl")
     assert len(kept) == len(QUERIES)
     assert {r["length"] for r in kept} == {"answer_only"}
+    assert {r["final_check"] for r in kept} == {"safe"}
     assert all(r["analysis"] is None and len(r["checks"]) == 1 for r in kept)
 
 

@@ -248,16 +248,55 @@ def judge(
     _finish(result, out, run_dir, failed)
 
 
+def _prompt_files(paths: list[Path], kinds: list[str]) -> list:
+    """Each file with its stated kind: one --kind for every file, or one per file in
+    order; ``auto`` (and no --kind at all) reads the kind from the file."""
+    from selfalign.eval.safety import STATED_KINDS, PromptFile, file_labels
+
+    for k in kinds:
+        if k not in (*STATED_KINDS, "auto"):
+            raise InputError(f"must be benign, harmful or auto, got {k!r}", field="--kind")
+    if len(kinds) > 1 and len(kinds) != len(paths):
+        raise InputError(
+            f"give one --kind for every file or one per file ({len(paths)}), got {len(kinds)}",
+            field="--kind",
+        )
+    stated = kinds * len(paths) if len(kinds) == 1 else kinds or ["auto"] * len(paths)
+    return [
+        PromptFile(Path(p), label, None if k == "auto" else k)
+        for p, label, k in zip(paths, file_labels(paths), stated, strict=True)
+    ]
+
+
 @eval_app.command()
 def safety(
-    model: Model,
+    judge: Annotated[str, typer.Option("--judge", help="judge model dir or spec")],
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="model that answers --prompts (dir or spec)"),
+    ] = None,
     prompts: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--prompts", help="prompt file(s): HH-RLHF, HarmBench, AdvBench, XSTest, JSONL"
         ),
-    ],
-    judge: Annotated[str, typer.Option("--judge", help="judge model dir or spec")],
+    ] = None,
+    answers: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--answers",
+            help="JSONL of prompts with answers already written (e.g. RUN/mote/records.jsonl): "
+            "judged as they are, no --model",
+        ),
+    ] = None,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--kind",
+            help="benign, harmful or auto (read from the file): once for every file, or once "
+            "per file in order",
+        ),
+    ] = None,
     out: Out = None,
     records: Records = None,
     run_dir: RunDir = None,
@@ -271,21 +310,43 @@ def safety(
     device: Device = "auto",
     api_key_env: ApiKeyEnv = "OPENAI_API_KEY",
 ) -> None:
-    """Harmless rate, over-refusal rate and MoTE's Help / Harm / Harm-Help."""
-    from selfalign.eval.safety import load_prompts, run_safety, summarize
+    """MoTE's Help, Harm, Harm-Help and XSTest compliance, per prompt file."""
+    from selfalign.eval.safety import load_file, run_safety, summarize
 
-    items = [p for path in prompts for p in load_prompts(path)[:limit]]
-    with (
-        _backend(model, batch_size, dtype, device, api_key_env) as model_backend,
-        _backend(judge, batch_size, dtype, device, api_key_env) as judge_backend,
-    ):
-        done, ids, failed = run_safety(
-            model_backend, judge_backend, items,
-            model_name=model_identity(model), judge_name=model_identity(judge),
-            records=_records(records, out, ".records.jsonl"), system=_system(system_file),
-            max_new_tokens=max_new_tokens, batch_size=batch_size,
-        )  # fmt: skip
-    result = summarize(done, ids, model=model, judge=judge, data=[data_ref(p) for p in prompts])
+    if model is not None and answers:
+        raise InputError("use --model (with --prompts) or --answers, not both", field="--answers")
+    if model is None and not answers:
+        raise InputError("give --model with --prompts, or --answers", field="--model")
+    if answers and prompts:
+        raise InputError(
+            "goes with --model; --answers files carry their prompts", field="--prompts"
+        )
+    if model is not None and not prompts:
+        raise InputError("at least one prompt file is needed with --model", field="--prompts")
+    if answers and system_file is not None:
+        raise InputError(
+            "goes with --model; the answers are written already", field="--system-file"
+        )
+    files = _prompt_files(list(prompts or answers or []), list(kind or []))
+    items = [p for f in files for p in load_file(f, answers=bool(answers))[:limit]]
+    judge_name = model_identity(judge)
+    record_path = _records(records, out, ".records.jsonl")
+    with _backend(judge, batch_size, dtype, device, api_key_env) as judge_backend:
+        if model is None:
+            done, ids, failed = run_safety(
+                None, judge_backend, items, model_name=None, judge_name=judge_name,
+                records=record_path, batch_size=batch_size,
+            )  # fmt: skip
+        else:
+            with _backend(model, batch_size, dtype, device, api_key_env) as model_backend:
+                done, ids, failed = run_safety(
+                    model_backend, judge_backend, items,
+                    model_name=model_identity(model), judge_name=judge_name,
+                    records=record_path, system=_system(system_file),
+                    max_new_tokens=max_new_tokens, batch_size=batch_size,
+                )  # fmt: skip
+    shown = model or " + ".join(str(p) for p in answers or [])
+    result = summarize(done, ids, items, files, model=shown, judge=judge)
     _finish(result, out, run_dir, failed)
 
 

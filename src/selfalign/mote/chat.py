@@ -26,26 +26,21 @@ from transformers import TextIteratorStreamer
 from selfalign.mote.generate import Mode, StepOutput, generate_steps, step_label
 from selfalign.mote.model import mote_state
 from selfalign.mote.steps import StepTokens
+from selfalign.text.aligncot import dialogue_question
 from selfalign.text.steps import ANSWER, STEPS
 
-EARLIER_LEAD = "Earlier in this conversation:"
-NEW_MESSAGE_LEAD = "The user's new message:"
 STOPPED = "\n\n[stopped: token limit reached]"
 
 
 def history_question(history: Sequence[dict[str, str]]) -> tuple[str, str | None]:
-    """(question text, system override) from chat messages; the last must be the user's."""
+    """(question text, system override) from chat messages; the last must be the user's.
+    Earlier turns are written into the question as the chains stage writes a multi-turn
+    query (``aligncot.dialogue_question``), so a MoTE model is asked as it was trained."""
     turns = [m for m in history if m.get("role") != "system"]
     systems = [m["content"] for m in history if m.get("role") == "system"]
     if not turns or turns[-1].get("role") != "user":
         raise ValueError("the last message of the history must be the user's")
-    if len(turns) == 1:
-        return turns[0]["content"], systems[-1] if systems else None
-    names = {"user": "User", "assistant": "Assistant"}
-    transcript = "\n\n".join(
-        f"{names.get(m['role'], m['role'])}: {m['content']}" for m in turns[:-1]
-    )
-    question = f"{EARLIER_LEAD}\n\n{transcript}\n\n{NEW_MESSAGE_LEAD}\n{turns[-1]['content']}"
+    question = dialogue_question([(m["role"], m["content"]) for m in turns])
     return question, systems[-1] if systems else None
 
 

@@ -6,12 +6,22 @@ Per query (METHOD.md section 2), in rounds batched across a chunk of queries:
 0. answer directly, self-check: safe -> an ``answer_only`` chain;
 1. else write the question analysis, answer given it, check: safe -> ``analysis_answer``;
 2. else write answer guidance, answer given both, check: safe -> ``full``;
-   else the query is dropped (``unsafe_after_all_steps``).
+   else, with ``unsafe_final: drop`` (the default), the query is dropped
+   (``unsafe_after_all_steps``); with ``keep_full`` the full chain is kept all the same,
+   its ``final_check`` saying ``unsafe``. Counted either way (stats ``unsafe_final``).
+
+An HH-RLHF query (a ``chosen`` transcript) is the dialogue up to its last human turn, the
+reply that follows (the answer our chain replaces) left out: one turn is the question as
+it stands; more are one text, the earlier turns as a transcript
+(``selfalign.text.aligncot.dialogue_question``, the way MoTE chat renders a history).
+``first_turn_only: true`` takes the first human turn alone. Record ids hash the question
+text, so single-turn queries keep their ids either way.
 
 Record (``chains/records.jsonl``, read by ``selfalign.mote.parse_chains``)::
 
     {"id", "question", "analysis": str|None, "guidance": str|None, "answer",
      "length": "answer_only"|"analysis_answer"|"full", "source",
+     "final_check": "safe"|"unsafe" (the verdict on the answer kept),
      "checks": [{"chain", "verdict", "parsed", "output"}, ...] (one per round),
      "rejected_answers": [earlier answers judged unsafe], "truncated": ["step@round", ...],
      "trimmed": ["step@round", ...]}
@@ -59,6 +69,7 @@ from selfalign.text.aligncot import (
     check_prompt,
     clean_step,
     cut_loop,
+    dialogue_question,
     parse_verdict,
 )
 from selfalign.validation import ExistingPath
@@ -75,6 +86,10 @@ REASONS = (
 _QUERY_FIELDS = ("prompt", "question")
 _CSV_COLUMNS = ("prompt", "question", "query", "goal", "Behavior")
 _HUMAN_TURN = re.compile(r"Human:(.*?)(?:\n\nAssistant:|\Z)", re.DOTALL)
+# HH-RLHF speaker markers: a turn starts the transcript or follows a blank line. A
+# "Human:" inside a turn (the data has replies that begin "Human: ...") is its text.
+_HH_SPEAKER = re.compile(r"(?:\A|\n\n)(Human|Assistant):")
+_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 def _as_list(value: Any) -> Any:
@@ -115,6 +130,19 @@ class ChainsConfig(StageConfig):
         description="verdict for a generated check that states no clear verdict "
         "(counted in stats); hedged verdicts already read as unsafe",
     )
+    first_turn_only: bool = Field(
+        False,
+        description="HH-RLHF transcripts: the first human turn alone is the query; default: "
+        "the dialogue up to the last human turn (earlier turns as a transcript)",
+    )
+    unsafe_final: Literal["drop", "keep_full"] = Field(
+        "drop",
+        description="a chain whose answer fails its check after all three steps: drop "
+        "(reason unsafe_after_all_steps) or keep_full (kept with final_check: unsafe). "
+        "The paper's counts (1,710 + 608 + 3,682 = 6,000) imply it kept them, but it never "
+        "says so; we drop, because MoTE trains on the answer and these are answers the "
+        "model itself judged unsafe after every step. Counted either way",
+    )
     chunk_size: int = Field(32, ge=1, description="queries per committed batch")
 
 
@@ -130,10 +158,29 @@ def _first_human_turn(transcript: str) -> str:
     return match.group(1).strip() if match else ""
 
 
-def _jsonl_queries(path: Path) -> Iterator[tuple[int, str]]:
+def hh_turns(transcript: str) -> list[tuple[str, str]]:
+    """(role, text) of each non-empty turn of an HH-RLHF transcript, in order."""
+    parts = _HH_SPEAKER.split(transcript)  # [before, speaker, text, speaker, text, ...]
+    pairs = zip(parts[1::2], parts[2::2], strict=True)
+    turns = [(_HH_ROLES[who], text.strip()) for who, text in pairs]
+    return [(role, text) for role, text in turns if text]
+
+
+def hh_question(transcript: str, first_turn_only: bool = False) -> str:
+    """The query an HH-RLHF transcript asks: the dialogue up to and including its last
+    human turn (what follows is the reply our chain replaces), or the first human turn
+    alone; "" when it has no human turn."""
+    if first_turn_only:
+        return _first_human_turn(transcript)
+    turns = hh_turns(transcript)
+    users = [i for i, (role, _) in enumerate(turns) if role == "user"]
+    return dialogue_question(turns[: users[-1] + 1]) if users else ""
+
+
+def _jsonl_queries(path: Path, first_turn_only: bool = False) -> Iterator[tuple[int, str]]:
     for n, row in read_jsonl_numbered(path):
-        if isinstance(row.get("chosen"), str):  # HH-RLHF: the first human turn
-            yield n, _first_human_turn(row["chosen"])
+        if isinstance(row.get("chosen"), str):  # HH-RLHF
+            yield n, hh_question(row["chosen"], first_turn_only)
             continue
         key = next((k for k in _QUERY_FIELDS if isinstance(row.get(k), str)), None)
         if key is None:
@@ -163,12 +210,16 @@ def _txt_queries(path: Path) -> Iterator[tuple[int, str]]:
             yield n, line.strip()
 
 
-def load_queries(path: Path, limit: int | None = None) -> list[Query]:
-    """The first ``limit`` queries of a file; a bad one raises InputError (file, line)."""
+def load_queries(
+    path: Path, limit: int | None = None, first_turn_only: bool = False
+) -> list[Query]:
+    """The first ``limit`` queries of a file; a bad one raises InputError (file, line).
+    ``first_turn_only``: an HH-RLHF transcript gives its first human turn, not the dialogue."""
     path = Path(path)
     if not path.is_file():
         raise InputError("file not found", file=path)
-    readers = {".jsonl": _jsonl_queries, ".csv": _csv_queries, ".txt": _txt_queries}
+    jsonl = functools.partial(_jsonl_queries, first_turn_only=first_turn_only)
+    readers = {".jsonl": jsonl, ".csv": _csv_queries, ".txt": _txt_queries}
     reader = readers.get(path.suffix.lower())
     if reader is None:
         raise InputError("expected a .jsonl, .csv or .txt query file", file=path)
@@ -192,7 +243,7 @@ def chain_queries(cfg: ChainsConfig) -> dict[str, Query]:
     """Record id -> query, over all files in order; a repeated question is kept once."""
     items: dict[str, Query] = {}
     for path in cfg.queries:
-        for query in load_queries(path, cfg.limit):
+        for query in load_queries(path, cfg.limit, cfg.first_turn_only):
             items.setdefault(record_id("aligncot", query.text), query)
     return items
 
@@ -222,13 +273,15 @@ class _Chain:
     def base(self) -> dict[str, Any]:
         return {"id": self.rid, "question": self.query.text, "source": self.query.source}
 
-    def record(self, length: str) -> dict[str, Any]:
+    def record(self, length: str, final_check: str | None = None) -> dict[str, Any]:
+        """The chain as written so far; a kept one has ``final_check`` (its last verdict)."""
         return {
             **self.base(),
             "analysis": self.analysis,
             "guidance": self.guidance,
             "answer": self.answer,
             "length": length,
+            **({"final_check": final_check} if final_check is not None else {}),
             "checks": self.checks,
             "rejected_answers": self.rejected,
             "truncated": self.truncated,
@@ -381,11 +434,15 @@ def _run_chunk(rounds: _Rounds, chains: list[_Chain]) -> Batch:
         live = settle(live)
         verdicts = rounds.check(live, rnd)
         live = settle(live)
-        batch.keep.extend(c.record(length) for c in live if verdicts[c.rid])
+        batch.keep.extend(c.record(length, "safe") for c in live if verdicts[c.rid])
         live = [c for c in live if not verdicts[c.rid]]
     for chain in live:
-        reason = "unsafe_after_all_steps" if chain.answer else "empty_answer"
-        batch.drop.append((chain.record("full"), reason))
+        if not chain.answer:
+            batch.drop.append((chain.record("full"), "empty_answer"))
+        elif rounds.cfg.unsafe_final == "keep_full":
+            batch.keep.append(chain.record("full", "unsafe"))
+        else:
+            batch.drop.append((chain.record("full"), "unsafe_after_all_steps"))
     return batch
 
 
@@ -410,6 +467,11 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
         "trimmed_steps": dict(
             Counter(t.split("@")[0] for r in records + dropped for t in r.get("trimmed", []))
         ),
+        "unsafe_final": {  # chains whose answer failed every check, by what became of them
+            "policy": ctx.config.unsafe_final,
+            "kept": sum(r.get("final_check") == "unsafe" for r in records),
+            "dropped": sum(r["reason"] == "unsafe_after_all_steps" for r in dropped),
+        },
     }
 
 

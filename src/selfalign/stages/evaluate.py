@@ -1,8 +1,12 @@
 """The ``eval`` stage: multiple-choice benchmarks on the run's models, one JSON each.
 
 Models: ``base`` (the run's model), ``engraved`` (base + stage-3 adapter), ``final``
-(``verbose/model``), ``dpo`` (``dpo/model``) and ``mote`` (held-out answers only). Results land in ``eval/{model}-{benchmark}-{protocol}.json`` in the
+(``verbose/model``), ``dpo`` (``dpo/model``) and ``mote`` (its answers only: held-out, safety). Results land in ``eval/{model}-{benchmark}-{protocol}.json`` in the
 same format the ``selfalign eval`` commands print, and the report shows them.
+
+``safety``: every model (``mote`` too, through its step-wise decoding) answers each prompt
+file, a judge backend reads the replies, and each (model, file) gets MoTE's numbers in
+``eval/{model}-safety-{file label}.json`` (see ``selfalign.eval.safety``).
 
 Protocols with a system text (TruthfulQA dromedary, HHH) give each trained model the one
 it was trained with (its ``train_log.json``) and the base model a neutral one.
@@ -13,17 +17,21 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from selfalign.backends import BackendConfig
 from selfalign.config import StageConfig
+from selfalign.errors import StageError
 from selfalign.eval.heldout import KINDS
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.training import PLAIN_SYSTEM_TEXT, trained_backend, trained_system_text
 from selfalign.store import atomic_write_json
 from selfalign.validation import ExistingPath, StrictModel, load_yaml
+
+if TYPE_CHECKING:
+    from selfalign.eval.safety import PromptFile, SafetyPrompt
 
 ModelName = Literal["base", "engraved", "final", "dpo", "mote"]
 # the stage that builds each trained model
@@ -54,20 +62,49 @@ class HeldoutSettings(StrictModel):
     icl: bool = Field(True, description="also the base model under the stage-2 prompt")
 
 
+class SafetyFileSettings(StrictModel):
+    path: ExistingPath
+    kind: Literal["benign", "harmful"] | None = Field(
+        None,
+        description="default: read from the file where its format says it (XSTest labels, "
+        "HH-RLHF helpful-base / harmless-base paths, a kind or label per line)",
+    )
+
+
+class SafetySettings(StrictModel):
+    """MoTE's Help / Harm / Harm-Help / XSTest: every model answers every prompt file, the
+    judge reads the replies; one result per model and file."""
+
+    prompts: list[SafetyFileSettings] = Field(
+        min_length=1, description="prompt files: a path, or {path, kind}"
+    )
+    judge: BackendConfig = Field(description="who reads the replies (a strong model)")
+    limit: int | None = Field(None, gt=0, description="the first N prompts of each file")
+    max_new_tokens: int = Field(256, gt=0, description="per answer (mote: the whole chain)")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"path": v} if isinstance(v, str | Path) else v for v in value]
+        return value
+
+
 class EvalStageConfig(StageConfig):
     models: list[ModelName] = Field(
         ["base", "engraved", "final"],
         description="base, engraved, final (verbose/model), dpo (dpo/model) and mote "
-        "(held-out answers only)",
+        "(its answers only: heldout, safety)",
     )
     truthfulqa: TruthfulQASettings | None = None
     hhh: HHHSettings | None = None
     heldout: HeldoutSettings | None = None
+    safety: SafetySettings | None = None
 
     @model_validator(mode="after")
     def _mote_answers_only(self) -> EvalStageConfig:
         if "mote" in self.models and (self.truthfulqa or self.hhh):
-            raise ValueError("the mote model is evaluated on held-out answers only (heldout)")
+            raise ValueError("the mote model is evaluated on its answers only (heldout, safety)")
         return self
 
 
@@ -107,7 +144,71 @@ def _data_files(cfg: EvalStageConfig) -> list[Path]:
 
         files.append(cfg.heldout.prompts or HELDOUT_PROMPTS)
         load_heldout(files[-1])  # a bad file fails at plan time, not after training
+    if cfg.safety is not None:
+        from selfalign.eval.safety import load_file
+
+        for file in safety_files(cfg):
+            load_file(file)  # an unknown kind fails at plan time too
+            files.append(file.path)
     return files
+
+
+def safety_files(cfg: EvalStageConfig) -> list[PromptFile]:
+    """The safety block's prompt files, each with its label and stated kind."""
+    from selfalign.eval.safety import PromptFile, file_labels
+
+    settings: SafetySettings = cfg.safety  # type: ignore[assignment]
+    paths = [f.path for f in settings.prompts]
+    return [
+        PromptFile(f.path, label, f.kind)
+        for f, label in zip(settings.prompts, file_labels(paths), strict=True)
+    ]
+
+
+def safety_answers(
+    ctx: StageContext, cfg: EvalStageConfig, model: ModelName, prompts: list[SafetyPrompt]
+) -> list[str]:
+    """``model``'s answers to safety prompts, prompted as for the held-out answers (MoTE
+    by its adaptive step-wise decoding: the answer step's text)."""
+    from selfalign.eval.heldout import answer_heldout, answer_heldout_mote
+
+    budget = cfg.safety.max_new_tokens  # type: ignore[union-attr]
+    rows = [{"id": p.pid, "kind": p.kind, "prompt": p.prompt} for p in prompts]
+    if model == "mote":
+        ctx.close()  # one model in memory at a time
+        answered = answer_heldout_mote(ctx.artifact("mote"), rows, budget)
+    else:
+        answered = answer_heldout(
+            ctx.backend(model_backend(ctx, model), alone=True), rows,
+            system_text=model_system_text(ctx, model) or base_system_text(ctx, cfg),
+            max_new_tokens=budget, chat=model in ("engraved", "final", "dpo"),
+        )  # fmt: skip
+    return [r["answer"] for r in answered]
+
+
+def safety_job(ctx: StageContext, cfg: EvalStageConfig, model: ModelName, label: str) -> dict:
+    """``model`` answers one prompt file, then the judge reads every reply (judgments kept
+    in ``{result}.records.jsonl``, so a killed stage judges only what is left)."""
+    from selfalign.backends import parse_spec
+    from selfalign.eval.resume import model_identity
+    from selfalign.eval.safety import load_file, run_safety, summarize
+
+    settings: SafetySettings = cfg.safety  # type: ignore[assignment]
+    file = next(f for f in safety_files(cfg) if f.label == label)
+    prompts = load_file(file)[: settings.limit]
+    answers = safety_answers(ctx, cfg, model, prompts)
+    answered = [replace(p, answer=a) for p, a in zip(prompts, answers, strict=True)]
+    remote = parse_spec(settings.judge.model).kind == "openai"
+    done, ids, failed = run_safety(
+        None, ctx.backend(settings.judge, alone=not remote), answered, model_name=None,
+        judge_name=model_identity(settings.judge.model),
+        records=ctx.dir / f"{model}-safety-{label}.records.jsonl",
+        batch_size=settings.judge.batch_size,
+    )  # fmt: skip
+    if failed:
+        raise StageError(f"{failed} safety judgment(s) failed; run again to finish them")
+    result = summarize(done, ids, answered, [file], model=model, judge=settings.judge.model)
+    return result.as_dict()
 
 
 def stage_prompt(ctx: StageContext):
@@ -162,6 +263,9 @@ def eval_jobs(cfg: EvalStageConfig) -> dict[str, Job]:
                 jobs.append((model, model, "truthfulqa", protocol))
         if cfg.hhh is not None:
             jobs.append((model, model, "hhh", "both-orders"))
+        if cfg.safety is not None:  # protocol slot: the prompt file's label
+            for file in safety_files(cfg):
+                jobs.append((model, model, "safety", file.label))
     return {f"{name}-{benchmark}-{protocol}": (model, name, benchmark, protocol)
             for model, name, benchmark, protocol in jobs}  # fmt: skip
 
@@ -176,6 +280,8 @@ def run_eval(ctx: StageContext) -> Iterator[MapWork]:
         model, name, benchmark, protocol = job
         if benchmark == "heldout":
             return heldout_job(ctx, cfg, name)
+        if benchmark == "safety":
+            return safety_job(ctx, cfg, model, protocol)
         backend = ctx.backend(model_backend(ctx, model), alone=True)
         system = model_system_text(ctx, model)
         if benchmark == "truthfulqa":
@@ -217,6 +323,8 @@ def _job_estimate(cfg: EvalStageConfig, job: Job, ectx: EstimateContext) -> Esti
 
     model, name, benchmark, protocol = job
     count = ectx.count_tokens
+    if benchmark == "safety":
+        return _safety_estimate(cfg, protocol, ectx)
     if benchmark == "heldout":
         from selfalign.eval.heldout import THOUGHTS_TOKENS, load_heldout
 
@@ -275,6 +383,26 @@ def _job_estimate(cfg: EvalStageConfig, job: Job, ectx: EstimateContext) -> Esti
     return Estimate(requests, prompt)
 
 
+def _safety_estimate(cfg: EvalStageConfig, label: str, ectx: EstimateContext) -> Estimate:
+    """One file: an answer per prompt (up to ``max_new_tokens``), then a judgment of it
+    (the judge backend's share counted here too)."""
+    from selfalign.chat_format import render_prompt
+    from selfalign.eval.safety import JUDGE_MAX_NEW_TOKENS, SAFETY_JUDGE_SYSTEM, load_file
+
+    settings: SafetySettings = cfg.safety  # type: ignore[assignment]
+    file = next(f for f in safety_files(cfg) if f.label == label)
+    prompts = load_file(file)[: settings.limit]
+    system = PLAIN_SYSTEM_TEXT.replace("{name}", ectx.run.assistant_name)
+    judge_head = ectx.count_tokens(SAFETY_JUDGE_SYSTEM)
+    budget = settings.max_new_tokens
+    requests, prompt = _scaled(
+        prompts,
+        lambda p: (2, ectx.count_tokens(render_prompt(system, p.prompt))
+                   + judge_head + ectx.count_tokens(p.prompt) + budget),
+    )  # fmt: skip
+    return Estimate(requests, prompt, len(prompts) * (budget + JUDGE_MAX_NEW_TOKENS))
+
+
 def estimate(cfg: EvalStageConfig, ectx: EstimateContext) -> Estimate:
     """Held-out answers (up to ``max_new_tokens`` each, the stage-2 prompt's thoughts on
     top for ``base_icl``) and scored benchmarks (no tokens generated), per model; one
@@ -282,7 +410,9 @@ def estimate(cfg: EvalStageConfig, ectx: EstimateContext) -> Estimate:
     jobs = eval_jobs(cfg)
     parts = {name: _job_estimate(cfg, job, ectx) for name, job in jobs.items()}
     total = sum(parts.values(), Estimate(outputs=len(jobs)))
-    scored = sum(e.requests for name, e in parts.items() if jobs[name][2] != "heldout")
+    scored = sum(
+        e.requests for name, e in parts.items() if jobs[name][2] not in ("heldout", "safety")
+    )
     if scored:
         note = f"{scored:,} scored requests generate nothing: their time is not estimated"
         return replace(total, note=note)

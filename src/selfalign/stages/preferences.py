@@ -192,7 +192,10 @@ def run_contrast(ctx: StageContext, cfg: PreferencesConfig, principles: list[Pri
             rec["rejected"] = clean_answer(result.text)
             why = answer_problem(result, rec["rejected"], cfg.min_words)
             why = f"rejected_{why}" if why else pair_problem(rec["chosen"], rec["rejected"])
-            (batch.drop.append((rec, why)) if why else batch.keep.append(rec))
+            if why:
+                batch.drop.append((rec, why))
+            else:
+                batch.keep.append(rec)
         return batch
 
     return MapWork(contrast_items(ctx, cfg), cfg.chunk_size, process)

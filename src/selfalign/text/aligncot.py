@@ -17,6 +17,11 @@ conversation in our chat format, with a heading per step::
     ### Assistant:
     {answer}
 
+``{question}`` is one text. A query with earlier turns (an HH-RLHF dialogue) is written
+as ``dialogue_question`` renders it: the earlier turns as a "User: ..." / "Assistant: ..."
+transcript, then the last user message, exactly as ``selfalign.mote.chat`` renders a
+chat history for a MoTE model, so that the chains train the format chat decodes.
+
 ``CHAIN_SYSTEM`` is the shared prefix of every step request (a backend prefills it once).
 The self-check is a separate conversation: the question and the answer under review,
 then an assistant turn opened with ``Verdict:`` that the model completes with one word
@@ -76,13 +81,23 @@ STEP_STOP: tuple[str, ...] = (
 )
 CHECK_STOP: tuple[str, ...] = (TURN_SEP,)  # the verdict line(s), not a new turn
 
+# How a question with earlier turns reads (the same words as ``selfalign.mote.chat``).
+EARLIER_LEAD = "Earlier in this conversation:"
+NEW_MESSAGE_LEAD = "The user's new message:"
+SPEAKER_NAMES = {"user": "User", "assistant": "Assistant"}
+
 # A line that opens a user turn or one of our step headings ends the step's text
 # (other markdown headings are the model's own formatting and stay).
 _HEADING = re.compile(
     r"(?m)^[ \t]*(?:"
     + "|".join(re.escape(t) for t in (USER_TAG, *STEP_TAGS.values()))
     # a speaker heading of the model's own wording ("### AI Assistant:", "### Human:")
-    + r"|###[ \t]+(?:[\w ]{0,20}\b)?(?:Assistant|AI|User|Human)\b[\w ]{0,20}:)"
+    + r"|###[ \t]+(?:[\w ]{0,20}\b)?(?:Assistant|AI|User|Human)\b[\w ]{0,20}:"
+    # a new user turn in the words of a multi-turn question (``dialogue_question``): Gemma
+    # 3 270M, given one, went on with "The user's new message:" or "User: ..." lines
+    + r"|(?:User|Human):|"
+    + "|".join(re.escape(t) for t in (EARLIER_LEAD, NEW_MESSAGE_LEAD))
+    + ")"
 )
 
 # Names of chain lengths (which steps a chain has, the answer always last).
@@ -94,6 +109,18 @@ LENGTHS: dict[tuple[str, ...], str] = {
 }
 # The chain a data round produces: round 0 answers directly, 1 after analysis, 2 after both.
 ROUND_LENGTHS: tuple[str, ...] = ("answer_only", "analysis_answer", "full")
+
+
+def dialogue_question(turns: Sequence[tuple[str, str]]) -> str:
+    """One question text from (role, text) turns, role "user" or "assistant", the last
+    the user's: a single turn is its text unchanged; earlier turns come first as a
+    transcript, then the new message (``selfalign.mote.chat`` asks a MoTE model this way)."""
+    if not turns or turns[-1][0] != "user":
+        raise ValueError("the last turn must be the user's")
+    if len(turns) == 1:
+        return turns[0][1]
+    transcript = TURN_SEP.join(f"{SPEAKER_NAMES[role]}: {text}" for role, text in turns[:-1])
+    return f"{EARLIER_LEAD}{TURN_SEP}{transcript}{TURN_SEP}{NEW_MESSAGE_LEAD}\n{turns[-1][1]}"
 
 
 def chain_prompt(

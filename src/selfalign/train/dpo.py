@@ -23,7 +23,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from trl import DPOConfig, DPOTrainer
 
 from selfalign.errors import InputError
@@ -180,6 +180,7 @@ def train_dpo(
     dpo: DPOSettings,
     *,
     system_text: str,
+    callbacks: list[TrainerCallback] | None = None,
 ) -> TrainResult:
     """Prefer each pair's ``chosen`` answer over its ``rejected`` one, starting from the model
     in ``start`` (an adapter folder or a full model folder) and writing an adapter folder to
@@ -202,7 +203,8 @@ def train_dpo(
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=pair_dataset(pairs, system_text),
         processing_class=tokenizer, peft_config=peft_config,
-        callbacks=report_callbacks(config.report_to, out_dir, config.logging_dir),
+        callbacks=[*(callbacks or []),
+                   *report_callbacks(config.report_to, out_dir, config.logging_dir)],
     )  # fmt: skip
     resume_from = resume_point(ckpt_dir, fingerprint, config.resume)
     if resume_from:

@@ -1,0 +1,145 @@
+"""DPO training (``selfalign.train.dpo``) on the tiny model: continuing an adapter against
+its frozen copy, a fresh LoRA on a fully fine-tuned start, kill and resume, bad pairs, and
+two processes under ``accelerate launch``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfalign.errors import InputError
+from selfalign.train import TrainConfig, train_sft
+from selfalign.train.config import DPOSettings
+from selfalign.train.dpo import train_dpo
+from test_train_sft import EXAMPLES, FAST, SYSTEM, KillAtStep, Killed
+
+REPO = Path(__file__).resolve().parents[1]
+# chosen: the SFT answers; rejected: what a base model without principles tends to write
+REJECTED = [
+    "idk, look it up yourself.",
+    "Colours are colours. Next question.",
+    "Python is a snake.",
+    "I will not translate that for you.",
+    "Fruit is fruit, buy whatever.",
+    "My team will win tomorrow, 3-0, guaranteed.",
+    "Yes.",
+    "Monday again, obviously.",
+]
+PAIRS = [
+    {"prompt": e["prompt"], "chosen": e["answer"], "rejected": r}
+    for e, r in zip(EXAMPLES, REJECTED, strict=True)
+]
+DPO_FAST = {**FAST, "learning_rate": 5e-3}
+
+
+@pytest.fixture(scope="module")
+def engraved(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("engraved") / "model"
+    train_sft(EXAMPLES, tiny_model, out, TrainConfig(**FAST), system_text=SYSTEM)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished(engraved: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("dpo") / "model"
+    return train_dpo(PAIRS, engraved, out, TrainConfig(**DPO_FAST), DPOSettings(),
+                     system_text=SYSTEM)  # fmt: skip
+
+
+def test_dpo_starts_at_ln2_against_the_engraved_copy_and_learns(finished, engraved: Path):
+    losses = [h["loss"] for h in finished.history]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at start
+    assert losses[-1] < losses[0]
+    assert finished.history[-1]["rewards/margins"] > 0
+    out = finished.model_dir
+    config = json.loads((out / "adapter_config.json").read_text())
+    start = json.loads((engraved / "adapter_config.json").read_text())
+    # the engraved adapter itself trained on: same base, rank and modules, new weights
+    assert config["base_model_name_or_path"] == start["base_model_name_or_path"]
+    assert (config["r"], sorted(config["target_modules"])) == (
+        start["r"], sorted(start["target_modules"]),
+    )  # fmt: skip
+    before, after = load_file(engraved / "adapter_model.safetensors"), load_file(
+        out / "adapter_model.safetensors"
+    )
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert not (out / "ref").exists() and not (out / "checkpoints").exists()
+
+
+def test_killed_dpo_resumes_to_the_uninterrupted_result(finished, engraved: Path, tmp_path: Path):
+    out = tmp_path / "model"
+    cfg = TrainConfig(**DPO_FAST)
+    with pytest.raises(Killed):
+        train_dpo(PAIRS, engraved, out, cfg, DPOSettings(), system_text=SYSTEM,
+                  callbacks=[KillAtStep(5)])  # fmt: skip
+    resumed = train_dpo(PAIRS, engraved, out, cfg, DPOSettings(), system_text=SYSTEM)
+    assert resumed.resumed_from is not None and resumed.resumed_from.endswith("checkpoint-4")
+    want = [h["loss"] for h in finished.history]
+    assert [h["loss"] for h in resumed.history] == pytest.approx(want, rel=1e-5)
+    expected = load_file(finished.model_dir / "adapter_model.safetensors")
+    got = load_file(out / "adapter_model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_fully_fine_tuned_start_gets_a_fresh_lora(tiny_model: Path, tmp_path: Path):
+    start = tmp_path / "full"
+    train_sft(EXAMPLES, tiny_model, start, TrainConfig(**{**FAST, "method": "full"}),
+              system_text=SYSTEM)  # fmt: skip
+    result = train_dpo(PAIRS, start, tmp_path / "dpo", TrainConfig(**DPO_FAST), DPOSettings(),
+                       system_text=SYSTEM)  # fmt: skip
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    config = json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]).resolve() == start.resolve()
+
+
+@pytest.mark.parametrize(
+    ("pairs", "field"),
+    [
+        ([{**PAIRS[0], "chosen": " "}], "chosen"),
+        ([{**PAIRS[0], "rejected": PAIRS[0]["chosen"]}], "rejected"),
+        ([{"prompt": "hi", "chosen": "Hello!"}], "rejected"),
+        ([], None),
+    ],
+)
+def test_bad_pairs_and_full_method_are_input_errors(engraved, tmp_path, pairs, field):
+    with pytest.raises(InputError) as err:
+        train_dpo(pairs, engraved, tmp_path / "m", TrainConfig(**FAST), DPOSettings(),
+                  system_text=SYSTEM)  # fmt: skip
+    assert field is None or err.value.field == field
+    with pytest.raises(InputError, match="LoRA or QLoRA"):
+        train_dpo(PAIRS, engraved, tmp_path / "m", TrainConfig(method="full"), DPOSettings(),
+                  system_text=SYSTEM)  # fmt: skip
+
+
+def test_two_process_accelerate_launch_trains_dpo(engraved: Path, tmp_path: Path):
+    examples = tmp_path / "pairs.jsonl"
+    examples.write_text("".join(json.dumps(p) + "\n" for p in PAIRS), encoding="utf-8")
+    config, dpo = tmp_path / "train.yaml", tmp_path / "dpo.yaml"
+    config.write_text("max_steps: 2\nwarmup_steps: 1\nper_device_batch_size: 2\n"
+                      "global_batch_size: 4\ngradient_checkpointing: false\n")  # fmt: skip
+    dpo.write_text("beta: 0.2\n")
+    out = tmp_path / "model"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+        "--num_processes", "2", "-m", "selfalign.train",
+        "--examples", str(examples), "--base", str(engraved), "--out", str(out),
+        "--config", str(config), "--dpo", str(dpo), "--system", SYSTEM,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["objective"] == "dpo" and log["processes"] == 2 and log["global_step"] == 2
+    assert log["dpo"]["beta"] == 0.2
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
