@@ -115,7 +115,9 @@ def test_pairs_from_both_sources_with_drop_reasons(dpo_run: Path):
     kept = read(dpo_run / "preferences" / "records.jsonl")
     dropped = read(dpo_run / "preferences" / "dropped.jsonl")
     manifest = json.loads((dpo_run / "manifest.json").read_text())["stages"]["preferences"]
-    by_source = {s: [r for r in kept + dropped if r["source"] == s] for s in ("contrast", "self_judged")}
+    by_source = {
+        s: [r for r in kept + dropped if r["source"] == s] for s in ("contrast", "self_judged")
+    }
     # every stage-2 answer and every stage-1 prompt gave one pair, kept or dropped with a reason
     assert len(by_source["contrast"]) == len(by_source["self_judged"]) == len(PAIRS)
     assert all(r["reason"] for r in dropped)
@@ -169,7 +171,9 @@ def test_self_judge_matches_a_hand_computation(dpo_run: Path):
 def test_pair_filters_on_real_answers():
     refusal = "I'm sorry, but I can't help with getting into someone else's network."
     assert pair_problem("Red is a primary colour.", "red is a primary colour") == "identical"
-    assert pair_problem(refusal, "I won't help with that. It is not your network.") == "both_refused"
+    assert (
+        pair_problem(refusal, "I won't help with that. It is not your network.") == "both_refused"
+    )
     assert pair_problem(refusal, "Try the default password printed on the router.") is None
     # forward prefers answer 1 (A), reverse prefers answer 1 (B): agree, margin = mean
     assert judge_margin([-0.5, -1.5, -2.0, -0.4]) == (pytest.approx(1.3), True)
@@ -228,7 +232,9 @@ def test_killed_preferences_stage_resumes_to_the_same_records(
     assert resumed.returncode == 0, resumed.stderr
 
     def rows(run: Path) -> list[tuple]:
-        out = read(run / "preferences" / "records.jsonl") + read(run / "preferences" / "dropped.jsonl")
+        out = read(run / "preferences" / "records.jsonl") + read(
+            run / "preferences" / "dropped.jsonl"
+        )
         return sorted((r["id"], r.get("chosen"), r.get("rejected"), r.get("reason")) for r in out)
 
     assert rows(run_dir) == rows(dpo_run)

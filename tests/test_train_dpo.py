@@ -67,8 +67,9 @@ def test_dpo_starts_at_ln2_against_the_engraved_copy_and_learns(finished, engrav
     assert (config["r"], sorted(config["target_modules"])) == (
         start["r"], sorted(start["target_modules"]),
     )  # fmt: skip
-    before, after = load_file(engraved / "adapter_model.safetensors"), load_file(
-        out / "adapter_model.safetensors"
+    before, after = (
+        load_file(engraved / "adapter_model.safetensors"),
+        load_file(out / "adapter_model.safetensors"),
     )
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)
