@@ -168,6 +168,25 @@ def test_self_judge_matches_a_hand_computation(dpo_run: Path):
         assert sorted(by_hand) == pytest.approx(sorted(row["scores"]), abs=2e-3)
 
 
+def test_answers_that_echo_the_prompt_are_dropped():
+    """What Gemma 3 270M wrote without the principles (demo run): echoes of the request."""
+    from selfalign.backends import GenerationResult
+    from selfalign.stages.preferences import answer_problem
+
+    def problem(prompt: str, answer: str) -> str | None:
+        return answer_problem(GenerationResult(answer), answer, prompt, min_words=5)
+
+    board = "Please name a board game that the AI will most likely play."
+    assert problem(board, board) == "echo"
+    office = ("Can you demonstrate a working knowledge of organizational chart terminology "
+              "and appropriate office policies?")  # fmt: skip
+    echoed = ("Would you like to demonstrate a working knowledge of organizational chart "
+              "terminology and appropriate office policies?")  # fmt: skip
+    assert problem(office, echoed) == "echo"
+    assert problem("What does the Internet do for us?", "I'm here to help you.") is None
+    assert problem("Ande music club.", "Sure.") == "too_short"
+
+
 def test_pair_filters_on_real_answers():
     refusal = "I'm sorry, but I can't help with getting into someone else's network."
     assert pair_problem("Red is a primary colour.", "red is a primary colour") == "identical"

@@ -101,6 +101,13 @@ def test_a_fully_fine_tuned_start_gets_a_fresh_lora(tiny_model: Path, tmp_path: 
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     config = json.loads((tmp_path / "dpo" / "adapter_config.json").read_text())
     assert Path(config["base_model_name_or_path"]).resolve() == start.resolve()
+    # generating with it puts the adapter on the model it was trained on, not the run's base
+    from selfalign.backends import BackendConfig
+    from selfalign.stages.training import trained_backend
+
+    for spec in (str(tiny_model), "openai:http://localhost:8000/v1#base"):
+        backend = trained_backend(BackendConfig(model=spec), tmp_path / "dpo")
+        assert backend.model == f"hf:{start}" and backend.adapter == str(tmp_path / "dpo")
 
 
 @pytest.mark.parametrize(
@@ -144,3 +151,45 @@ def test_two_process_accelerate_launch_trains_dpo(engraved: Path, tmp_path: Path
     assert log["objective"] == "dpo" and log["processes"] == 2 and log["global_step"] == 2
     assert log["dpo"]["beta"] == 0.2
     assert (out / "adapter_model.safetensors").is_file() and not (out / "ref").exists()
+
+
+def test_a_bf16_cast_adapter_is_restored_to_its_fp32_reference_values(engraved: Path):
+    """What trl does to a QLoRA run's trainable adapter (bf16), undone from the reference
+    copy, so DPO's small steps are not lost to bf16 rounding (CUDA-free stand-in)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from selfalign.train.dpo import keep_adapter_fp32
+
+    base = AutoModelForCausalLM.from_pretrained(
+        json.loads((engraved / "adapter_config.json").read_text())["base_model_name_or_path"]
+    )
+    model = PeftModel.from_pretrained(base, engraved, is_trainable=True)
+    model.add_adapter("ref", model.peft_config["default"])
+    params = dict(model.named_parameters())
+    trained = [n for n, p in params.items() if p.requires_grad]
+    for name in trained:  # as trl does: the reference copies the adapter, then bf16
+        params[name.replace(".default.", ".ref.")].data.copy_(params[name].data)
+        params[name].data = params[name].data.to(torch.bfloat16)
+    assert keep_adapter_fp32(model) == len(trained) > 0
+    params = dict(model.named_parameters())
+    for name in trained:
+        assert params[name].dtype == torch.float32
+        assert torch.equal(params[name], params[name.replace(".default.", ".ref.")])
+
+
+def test_a_partial_train_block_keeps_the_stage_schedule():
+    from selfalign.stages.dpo import DPOStageConfig, continuing
+    from selfalign.stages.verbose import VerboseConfig
+
+    train = DPOStageConfig.model_validate({"train": {"epochs": 2}}).train
+    assert (train.learning_rate, train.lr_scheduler, train.warmup_ratio) == (5e-5, "cosine", 0.1)
+    assert train.epochs == 2 and train.global_batch_size == 64 and train.max_length == 1024
+    fixed = DPOStageConfig.model_validate({"train": {"warmup_steps": 3}}).train
+    assert fixed.warmup_ratio is None and fixed.warmup_steps == 3
+    assert VerboseConfig.model_validate({"train": {"epochs": 2}}).train.max_length == 768
+    # DPO continues a QLoRA adapter as QLoRA unless the config says otherwise
+    assert continuing(train, "qlora").method == "qlora"
+    assert continuing(train, "full").method == "lora"
+    given = DPOStageConfig.model_validate({"train": {"method": "lora"}}).train
+    assert continuing(given, "qlora").method == "lora"

@@ -16,7 +16,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from selfalign.config import StageConfig
 from selfalign.errors import StageError
@@ -29,15 +29,16 @@ from selfalign.stages.training import (
     training_summary,
 )
 from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_stats
-from selfalign.train.config import DPOSettings, TrainConfig, dpo_train_config
+from selfalign.train.config import DPO_TRAIN_DEFAULTS, DPOSettings, TrainConfig, with_defaults
 
 ARTIFACT = "dpo/model"
 
 
 class DPOStageConfig(StageConfig):
     train: TrainConfig = Field(
-        default_factory=dpo_train_config,
-        description="schedule and batch; an adapter continued keeps its own rank and modules",
+        default_factory=lambda: TrainConfig(**DPO_TRAIN_DEFAULTS),  # type: ignore[arg-type]
+        description="schedule and batch (defaults: DPO_TRAIN_DEFAULTS); an adapter continued "
+        "keeps its own rank and modules, and its method unless one is given",
     )
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
@@ -46,12 +47,25 @@ class DPOStageConfig(StageConfig):
     )
     turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _dpo_schedule(cls, value: object) -> object:
+        return with_defaults(DPO_TRAIN_DEFAULTS, value)
+
 
 def training_pairs(records: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
     if max_pairs is not None and max_pairs < len(pairs):
         pairs = random.Random(seed).sample(pairs, max_pairs)
     return pairs
+
+
+def continuing(train: TrainConfig, start_method: str | None) -> TrainConfig:
+    """DPO trains the way the engraved adapter was trained (QLoRA on a 4-bit base stays
+    QLoRA) unless the config sets ``method``; a fully fine-tuned start gets a LoRA."""
+    if "method" in train.model_fields_set or start_method not in ("lora", "qlora"):
+        return train
+    return train.model_copy(update={"method": start_method})
 
 
 def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict:
@@ -73,11 +87,12 @@ def run_dpo(ctx: StageContext) -> Iterator[Artifact]:
     start = ctx.artifact("engraved")
     system_text = trained_system_text(start)
     if system_text is None:
-        raise RuntimeError(f"{start} does not say which system text it was trained with")
+        raise StageError(f"{start} does not say which system text it was trained with")
+    train = continuing(cfg.train, train_log(start).get("method"))
 
     def build(folder: Path) -> None:
-        ctx.log(f"DPO on {len(pairs)} pairs, continuing {start.name}")
-        train_model(pairs, start, folder, cfg.train, system_text, cfg.launch, dpo=cfg.dpo)
+        ctx.log(f"DPO on {len(pairs)} pairs, continuing {start.name} ({train.method})")
+        train_model(pairs, start, folder, train, system_text, cfg.launch, dpo=cfg.dpo)
 
     yield Artifact(build, examples=len(pairs))
     check_turn_end(ctx, ctx.artifact(), cfg.turn_end)

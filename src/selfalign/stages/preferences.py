@@ -16,7 +16,8 @@ with no human label. Two sources, chosen by ``sources``:
   (``low_margin``).
 
 Each pair is checked like every stage's output, drops counted by reason: an answer that is
-empty, cut by the token limit, too short or junk (``rejected_*`` / ``answer_*``), both answers
+empty, cut by the token limit, too short, junk or an echo of the prompt (``rejected_*`` /
+``answer_*``), both answers
 the same text (``identical``), both refusals (``both_refused``). Record:
 ``{"id", "prompt_id", "prompt", "chosen", "rejected", "source", "principle", "chosen_from",
 "rejected_from", "margin", "scores"}``. Resumable per prompt like every map stage.
@@ -24,6 +25,7 @@ the same text (``identical``), both refusals (``both_refused``). Record:
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -33,10 +35,17 @@ from typing import Any, Literal
 from pydantic import Field
 
 from selfalign.annotations.principles import DEFAULT_PRINCIPLES, Principle, load_principles
-from selfalign.backends import GenerationRequest, GenerationResult, SamplingParams, ScoreRequest
+from selfalign.backends import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    SamplingParams,
+    ScoreRequest,
+)
 from selfalign.backends.config import BackendConfig
 from selfalign.chat_format import NEXT_USER_TURN, render_prompt
 from selfalign.config import DEFAULT_ASSISTANT_NAME, StageConfig
+from selfalign.errors import InputError
 from selfalign.eval.heldout import is_refusal
 from selfalign.eval.hhh import HHH_SYSTEM, LETTERS, hhh_context
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
@@ -44,7 +53,7 @@ from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.stages.training import PLAIN_SYSTEM_TEXT, stage_model_backend
 from selfalign.stages.verbose import clean_answer, verdict
 from selfalign.store import record_id
-from selfalign.text.answers import words
+from selfalign.text.answers import echoes, words
 from selfalign.validation import ConfigPath, StrictModel
 
 Source = Literal["contrast", "self_judged"]
@@ -127,9 +136,15 @@ def rule_text(principle: Principle, name: str) -> str:
     return principle.text.replace("{name}", name)
 
 
-def answer_problem(result: GenerationResult, answer: str, min_words: int) -> str | None:
-    """Why a generated answer cannot stand in a pair (``verdict``'s reasons), or None."""
-    return verdict(answer, result.finish_reason, min_words)
+def answer_problem(
+    result: GenerationResult, answer: str, prompt: str, min_words: int
+) -> str | None:
+    """Why a generated answer cannot stand in a pair, or None: ``verdict``'s reasons, and
+    ``echo`` for an answer that mostly repeats the prompt (Gemma 3 270M without the
+    principles often does): a pair against it teaches nothing about the principles."""
+    return verdict(answer, result.finish_reason, min_words) or (
+        "echo" if echoes(answer, prompt) else None
+    )
 
 
 def pair_problem(chosen: str, rejected: str) -> str | None:
@@ -190,7 +205,7 @@ def run_contrast(ctx: StageContext, cfg: PreferencesConfig, principles: list[Pri
                 batch.failed.append((rec, result.error))
                 continue
             rec["rejected"] = clean_answer(result.text)
-            why = answer_problem(result, rec["rejected"], cfg.min_words)
+            why = answer_problem(result, rec["rejected"], rec["prompt"], cfg.min_words)
             why = f"rejected_{why}" if why else pair_problem(rec["chosen"], rec["rejected"])
             if why:
                 batch.drop.append((rec, why))
@@ -209,6 +224,38 @@ def self_judged_items(ctx: StageContext, cfg: PreferencesConfig) -> dict[str, tu
         items = [(p["id"], prompt_text(p)) for p in sample_prompts(ctx.inputs("prompts"), ctx.seed)]  # fmt: skip
     items = list(dict.fromkeys(items))[: cfg.max_prompts]
     return {record_id("preferences", "self_judged", pid): (pid, q) for pid, q in items}
+
+
+def judge_pairs(
+    judge: Backend, pending: list[tuple[dict, list[ScoreRequest]]], min_margin: float,
+    batch: Batch,
+) -> None:  # fmt: skip
+    """Score each pair's four letters and sort it into ``batch``: kept with the preferred
+    answer as chosen, or dropped (``orders_disagree``, ``low_margin``, ``unscored`` for a
+    score that is not a number). A scoring failure fails the pairs, to be asked again."""
+    try:
+        scores = judge.score([r for _, reqs in pending for r in reqs])
+    except InputError:
+        raise
+    except Exception as e:  # the judge's server or memory: the records are asked again
+        batch.failed.extend((rec, f"judge: {type(e).__name__}: {e}") for rec, _ in pending)
+        return
+    for k, (rec, _) in enumerate(pending):
+        values = scores[4 * k : 4 * k + 4]
+        first, second = rec.pop("answers")
+        if not all(math.isfinite(v) for v in values):
+            batch.drop.append(({**rec, "chosen": first, "rejected": second}, "unscored"))
+            continue
+        margin, agree = judge_margin(values)
+        chosen, rejected = (first, second) if margin > 0 else (second, first)
+        rec.update(chosen=chosen, rejected=rejected, margin=round(abs(margin), 4),
+                   scores=[round(v, 4) for v in values])  # fmt: skip
+        if not agree:
+            batch.drop.append((rec, "orders_disagree"))
+        elif abs(margin) < min_margin:
+            batch.drop.append((rec, "low_margin"))
+        else:
+            batch.keep.append(rec)
 
 
 def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[Principle]):
@@ -232,7 +279,7 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
             for rid, (_, question) in chunk
             for k in (0, 1)
         ]
-        results = ctx.backend(writer, alone=True).generate(requests)
+        results = ctx.backend(writer).generate(requests)
         pending: list[tuple[dict, list[ScoreRequest]]] = []
         for i, (rid, (pid, question)) in enumerate(chunk):
             rule = draw_principle(principles, ctx.seed_for("principle", rid))
@@ -246,32 +293,19 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
             answers = [clean_answer(r.text) for r in pair]
             rec["answers"] = answers
             why = next((f"answer_{w}" for r, a in zip(pair, answers, strict=True)
-                        if (w := answer_problem(r, a, cfg.min_words))), None)  # fmt: skip
+                        if (w := answer_problem(r, a, question, cfg.min_words))), None)  # fmt: skip
             why = why or pair_problem(*answers)
             if why:
                 batch.drop.append((rec, why))
                 continue
             rule_line = rule_text(rule, cfg.assistant_name)
             pending.append((rec, judge_requests(question, *answers, rule_line)))
-        scores = ctx.backend(judge, alone=settings.judge is not None).score(
-            [r for _, reqs in pending for r in reqs]
-        )
-        for k, (rec, _) in enumerate(pending):
-            values = scores[4 * k : 4 * k + 4]
-            margin, agree = judge_margin(values)
-            first, second = rec.pop("answers")
-            chosen, rejected = (first, second) if margin > 0 else (second, first)
-            rec.update(chosen=chosen, rejected=rejected, margin=round(abs(margin), 4),
-                       scores=[round(v, 4) for v in values])  # fmt: skip
-            if not agree:
-                batch.drop.append((rec, "orders_disagree"))
-            elif abs(margin) < settings.min_margin:
-                batch.drop.append((rec, "low_margin"))
-            else:
-                batch.keep.append(rec)
+        if pending:
+            judge_pairs(ctx.backend(judge), pending, settings.min_margin, batch)
         return batch
 
-    return MapWork(self_judged_items(ctx, cfg), cfg.chunk_size, process)
+    # writer and judge stay loaded together; the contrast source's base model goes first
+    return MapWork(self_judged_items(ctx, cfg), cfg.chunk_size, process, start=ctx.close)
 
 
 def run_preferences(ctx: StageContext) -> Iterator[MapWork]:

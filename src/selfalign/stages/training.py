@@ -81,11 +81,25 @@ def trained_backend(base: BackendConfig, model_dir: Path) -> BackendConfig:
     (hf: bf16 on a GPU, fp32 on CPU; vLLM: the model's), and applies the adapter on top,
     unmerged: for a QLoRA adapter that base is the original weights, not the 4-bit ones it
     was trained against, so generation differs from training by the quantisation error."""
-    kind = parse_spec(base.model).kind  # the engine stays the run's (vllm or hf)
+    # the engine stays the run's where it can load a folder (vllm), else in process (hf)
+    kind = "vllm" if parse_spec(base.model).kind == "vllm" else "hf"
     if (model_dir / MERGED_SUBDIR).is_dir():
         return base.model_copy(update={"model": f"{kind}:{model_dir / MERGED_SUBDIR}"})
-    if (model_dir / "adapter_config.json").is_file():
-        return base.model_copy(update={"adapter": str(model_dir)})
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.is_file():
+        update = {"adapter": str(model_dir)}
+        # an adapter trained on another model than the run's (DPO on a fully fine-tuned
+        # engraved model) goes on that model
+        trained_on = json.loads(adapter_config.read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+        if (
+            trained_on
+            and Path(trained_on).is_dir()
+            and parse_spec(base.model).path != Path(trained_on).resolve()
+        ):
+            update["model"] = f"{kind}:{trained_on}"
+        return base.model_copy(update=update)
     return base.model_copy(update={"model": f"{kind}:{model_dir}"})
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from selfalign.annotations import ANNOTATIONS_DIR
 from selfalign.annotations.principles import Prose, validate_file
@@ -47,7 +47,7 @@ from selfalign.stages.turn_end import TurnEndCheck, check_turn_end, turn_end_sta
 from selfalign.store import atomic_write_json, record_id
 from selfalign.text.answers import is_truncated, words
 from selfalign.text.thoughts import THOUGHTS_TAG
-from selfalign.train.config import TrainConfig
+from selfalign.train.config import TrainConfig, with_defaults
 from selfalign.train.export import TRAIN_LOG
 from selfalign.validation import ConfigPath, StrictModel
 
@@ -58,6 +58,8 @@ VERBOSE_SYSTEM_TEXT = (
     "they help, and add a short example when it makes the answer clearer. Stay accurate "
     "and say plainly when you are unsure."
 )
+# the student learns answers up to max_new_tokens (512) after a prompt: 768 tokens in all
+STUDENT_TRAIN_DEFAULTS: dict[str, object] = {"max_length": 768}
 MIN_LENGTH_RATIO = 1.3  # below this the teacher is barely more verbose than stage 2
 _SENTENCE = re.compile(r"(?<=[.!?])[ \t]+")
 _TURN_TAGS = (USER_TAG, ASSISTANT_TAG, THOUGHTS_TAG)
@@ -116,9 +118,14 @@ class VerboseConfig(StageConfig):
     repetition_penalty: float = Field(1.0, gt=0)
     min_words: int = Field(8, ge=1, description="shorter answers are dropped")
     batch_size: int = Field(16, gt=0, description="prompts sent to the backend at once")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(max_length=768))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(**STUDENT_TRAIN_DEFAULTS))
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _student_schedule(cls, value: object) -> object:
+        return with_defaults(STUDENT_TRAIN_DEFAULTS, value)
 
 
 def annotation_files(cfg: VerboseConfig) -> list[Path]:

@@ -56,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             system_text = args.system
         if args.dpo is not None:
             from selfalign.train.config import DPOSettings
-            from selfalign.train.dpo import train_dpo
+            from selfalign.train.dpo import train_dpo, validate_pairs
             from selfalign.validation import load_yaml, validate_model
 
             dpo = validate_model(DPOSettings, load_yaml(args.dpo) or {}, file=args.dpo)
-            pairs = [row for _, row in read_jsonl_numbered(args.examples)]
+            pairs = validate_pairs(
+                [row for _, row in read_jsonl_numbered(args.examples)], source=args.examples
+            )
             result = train_dpo(pairs, args.base, args.out, config, dpo, system_text=system_text)
         else:
             result = train_sft(

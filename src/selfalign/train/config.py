@@ -159,11 +159,25 @@ class DPOSettings(StrictModel):
     )
 
 
-def dpo_train_config() -> TrainConfig:
-    """DPO's schedule by default: continuing an adapter needs a smaller step than SFT (lr
-    5e-5 against 4e-4), a short warm-up, global batch 64 and sequences of up to 1024
-    tokens (prompt + the longer answer)."""
-    return TrainConfig(
-        learning_rate=5e-5, lr_scheduler="cosine", warmup_ratio=0.1, global_batch_size=64,
-        max_length=1024,
-    )  # fmt: skip
+# DPO's schedule: continuing an adapter needs a smaller step than SFT (lr 5e-5 against
+# 4e-4), a short warm-up, global batch 64 and sequences of up to 1024 tokens (prompt + the
+# longer answer).
+DPO_TRAIN_DEFAULTS: dict[str, object] = {
+    "learning_rate": 5e-5, "lr_scheduler": "cosine", "warmup_ratio": 0.1,
+    "global_batch_size": 64, "max_length": 1024,
+}  # fmt: skip
+
+
+def with_defaults(defaults: dict[str, object], given: object) -> object:
+    """A stage's own training defaults under the settings a config gives (a mapping), so
+    ``train: {epochs: 2}`` keeps the rest of the stage's schedule, not ``TrainConfig``'s.
+    A fixed ``warmup_steps`` or ``gradient_accumulation_steps`` given alone still wins over
+    a default ratio or global batch (as in ``TrainConfig``)."""
+    if not isinstance(given, dict):
+        return given
+    base = dict(defaults)
+    if "warmup_steps" in given:
+        base.pop("warmup_ratio", None)
+    if "gradient_accumulation_steps" in given:
+        base.pop("global_batch_size", None)
+    return {**base, **given}

@@ -163,6 +163,24 @@ def dpo_arguments(
     )
 
 
+def keep_adapter_fp32(model) -> int:
+    """Undo trl's bf16 cast of a QLoRA run's trainable adapter weights (their values from
+    the frozen fp32 reference copy where there is one): at DPO's small learning rates most
+    Adam steps are below what bf16 weights can record, and policy and reference would differ
+    by the rounding before the first step. Returns how many tensors were restored."""
+    import torch
+
+    params = dict(model.named_parameters())
+    restored = 0
+    for name, param in params.items():
+        if not param.requires_grad or param.dtype == torch.float32:
+            continue
+        source = params.get(name.replace(".default.", f".{REF_ADAPTER}."), param)
+        param.data = source.data.detach().to(torch.float32).clone()
+        restored += 1
+    return restored
+
+
 def check_dpo_method(config: TrainConfig) -> None:
     if config.method == "full":
         raise InputError(
@@ -206,6 +224,7 @@ def train_dpo(
         callbacks=[*(callbacks or []),
                    *report_callbacks(config.report_to, out_dir, config.logging_dir)],
     )  # fmt: skip
+    keep_adapter_fp32(trainer.model)  # before train() builds the optimizer
     resume_from = resume_point(ckpt_dir, fingerprint, config.resume)
     if resume_from:
         log.info("resuming from %s", resume_from)
