@@ -170,11 +170,10 @@ def test_self_judge_matches_a_hand_computation(dpo_run: Path):
 
 def test_answers_that_echo_the_prompt_are_dropped():
     """What Gemma 3 270M wrote without the principles (demo run): echoes of the request."""
-    from selfalign.backends import GenerationResult
     from selfalign.stages.preferences import answer_problem
 
     def problem(prompt: str, answer: str) -> str | None:
-        return answer_problem(GenerationResult(answer), answer, prompt, min_words=5)
+        return answer_problem(answer, "stop", prompt, min_words=5)
 
     board = "Please name a board game that the AI will most likely play."
     assert problem(board, board) == "echo"
@@ -185,6 +184,24 @@ def test_answers_that_echo_the_prompt_are_dropped():
     assert problem(office, echoed) == "echo"
     assert problem("What does the Internet do for us?", "I'm here to help you.") is None
     assert problem("Ande music club.", "Sure.") == "too_short"
+
+
+def test_answers_cut_by_the_token_limit_keep_their_complete_sentences():
+    """The engraved Gemma 3 270M of the demo rarely ends its turn: its answers hit the limit."""
+    from selfalign.backends import GenerationResult
+    from selfalign.stages.preferences import generated_answer
+
+    cut = GenerationResult(
+        "There are five R's of an organizational system.\n1. Request: say what you need.\n"
+        "2. Review: check it with your team.\n3. R", finish_reason="length",
+    )  # fmt: skip
+    assert generated_answer(cut, trim=True) == (
+        "There are five R's of an organizational system.\n1. Request: say what you need.\n"
+        "2. Review: check it with your team.", "stop",
+    )  # fmt: skip
+    assert generated_answer(cut, trim=False)[1] == "length"
+    ended = GenerationResult("Sure, here it is.\n\n### User:\nThanks", finish_reason="stop")
+    assert generated_answer(ended, trim=True) == ("Sure, here it is.", "stop")
 
 
 def test_pair_filters_on_real_answers():

@@ -16,7 +16,8 @@ with no human label. Two sources, chosen by ``sources``:
   (``low_margin``).
 
 Each pair is checked like every stage's output, drops counted by reason: an answer that is
-empty, cut by the token limit, too short, junk or an echo of the prompt (``rejected_*`` /
+empty, too short, junk or an echo of the prompt, or cut by the token limit with nothing
+complete left (``on_truncated: trim`` keeps its complete sentences) (``rejected_*`` /
 ``answer_*``), both answers
 the same text (``identical``), both refusals (``both_refused``). Record:
 ``{"id", "prompt_id", "prompt", "chosen", "rejected", "source", "principle", "chosen_from",
@@ -53,7 +54,7 @@ from selfalign.stages.prompts import prompt_text, sample_prompts
 from selfalign.stages.training import PLAIN_SYSTEM_TEXT, stage_model_backend
 from selfalign.stages.verbose import clean_answer, verdict
 from selfalign.store import record_id
-from selfalign.text.answers import echoes, words
+from selfalign.text.answers import complete_prefix, echoes, is_truncated, words
 from selfalign.validation import ConfigPath, StrictModel
 
 Source = Literal["contrast", "self_judged"]
@@ -111,6 +112,11 @@ class PreferencesConfig(StageConfig):
     temperature: float = Field(0.5, ge=0, description="contrast: the rejected answer")
     top_p: float = Field(0.9, gt=0, le=1)
     min_words: int = Field(5, ge=1, description="shorter generated answers are dropped")
+    on_truncated: Literal["trim", "drop"] = Field(
+        "trim",
+        description="a generated answer the token limit cut mid-sentence: cut back to its "
+        "last complete sentence (as stage 2 does), or drop the pair",
+    )
     chunk_size: int = Field(16, ge=1, description="prompts per committed batch")
 
 
@@ -136,15 +142,20 @@ def rule_text(principle: Principle, name: str) -> str:
     return principle.text.replace("{name}", name)
 
 
-def answer_problem(
-    result: GenerationResult, answer: str, prompt: str, min_words: int
-) -> str | None:
+def generated_answer(result: GenerationResult, trim: bool) -> tuple[str, str]:
+    """(the cleaned answer, its finish reason). ``trim``: an answer the token limit cut
+    mid-sentence is cut back to its last complete sentence and counts as finished."""
+    answer = clean_answer(result.text)
+    if trim and is_truncated(answer, result.finish_reason):
+        return complete_prefix(answer), "stop"
+    return answer, result.finish_reason
+
+
+def answer_problem(answer: str, finish_reason: str, prompt: str, min_words: int) -> str | None:
     """Why a generated answer cannot stand in a pair, or None: ``verdict``'s reasons, and
     ``echo`` for an answer that mostly repeats the prompt (Gemma 3 270M without the
     principles often does): a pair against it teaches nothing about the principles."""
-    return verdict(answer, result.finish_reason, min_words) or (
-        "echo" if echoes(answer, prompt) else None
-    )
+    return verdict(answer, finish_reason, min_words) or ("echo" if echoes(answer, prompt) else None)
 
 
 def pair_problem(chosen: str, rejected: str) -> str | None:
@@ -204,8 +215,8 @@ def run_contrast(ctx: StageContext, cfg: PreferencesConfig, principles: list[Pri
             if result.error:
                 batch.failed.append((rec, result.error))
                 continue
-            rec["rejected"] = clean_answer(result.text)
-            why = answer_problem(result, rec["rejected"], rec["prompt"], cfg.min_words)
+            rec["rejected"], finish = generated_answer(result, cfg.on_truncated == "trim")
+            why = answer_problem(rec["rejected"], finish, rec["prompt"], cfg.min_words)
             why = f"rejected_{why}" if why else pair_problem(rec["chosen"], rec["rejected"])
             if why:
                 batch.drop.append((rec, why))
@@ -290,10 +301,10 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
             if error := next((r.error for r in pair if r.error), None):
                 batch.failed.append((rec, error))
                 continue
-            answers = [clean_answer(r.text) for r in pair]
-            rec["answers"] = answers
-            why = next((f"answer_{w}" for r, a in zip(pair, answers, strict=True)
-                        if (w := answer_problem(r, a, question, cfg.min_words))), None)  # fmt: skip
+            written = [generated_answer(r, cfg.on_truncated == "trim") for r in pair]
+            answers = rec["answers"] = [a for a, _ in written]
+            why = next((f"answer_{w}" for a, finish in written
+                        if (w := answer_problem(a, finish, question, cfg.min_words))), None)  # fmt: skip
             why = why or pair_problem(*answers)
             if why:
                 batch.drop.append((rec, why))
