@@ -12,7 +12,6 @@ launch`` as for the SFT stages.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from pydantic import Field, field_validator
 from selfalign.config import StageConfig
 from selfalign.errors import StageError
 from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, StageContext
+from selfalign.stages.engrave import training_pairs
 from selfalign.stages.training import (
     LaunchConfig,
     train_log,
@@ -53,13 +53,6 @@ class DPOStageConfig(StageConfig):
         return with_defaults(DPO_TRAIN_DEFAULTS, value)
 
 
-def training_pairs(records: list[dict], max_pairs: int | None, seed: int) -> list[dict]:
-    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records]
-    if max_pairs is not None and max_pairs < len(pairs):
-        pairs = random.Random(seed).sample(pairs, max_pairs)
-    return pairs
-
-
 def continuing(train: TrainConfig, start_method: str | None) -> TrainConfig:
     """DPO trains the way the engraved adapter was trained (QLoRA on a 4-bit base stays
     QLoRA) unless the config sets ``method``; a fully fine-tuned start gets a LoRA."""
@@ -81,7 +74,8 @@ def _summary(records: list[dict], dropped: list[dict], ctx: StageContext) -> dic
 
 def run_dpo(ctx: StageContext) -> Iterator[Artifact]:
     cfg: DPOStageConfig = ctx.config  # type: ignore[assignment]
-    pairs = training_pairs(ctx.inputs("preferences"), cfg.max_pairs, ctx.seed_for("max_pairs"))
+    pairs = training_pairs(ctx.inputs("preferences"), cfg.max_pairs, ctx.seed_for("max_pairs"),
+                           ("prompt", "chosen", "rejected"))  # fmt: skip
     if not pairs:
         raise StageError("the preferences stage kept no pairs: nothing to train DPO on")
     start = ctx.artifact("engraved")

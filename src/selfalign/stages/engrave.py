@@ -41,11 +41,17 @@ class EngraveConfig(StageConfig):
     turn_end: TurnEndCheck = Field(default_factory=TurnEndCheck)
 
 
-def training_pairs(records: list[dict], max_examples: int | None, seed: int) -> list[dict]:
-    """Stage 2's (prompt, answer) pairs. A cap draws a seeded sample, not the head of the
-    file, whose order is stage 2's working order (self-instruct before TGRT, say): the
-    first N could hold no red-team pair at all."""
-    pairs = [{"prompt": r["prompt"], "answer": r["answer"]} for r in records]
+def training_pairs(
+    records: list[dict],
+    max_examples: int | None,
+    seed: int,
+    fields: tuple[str, ...] = ("prompt", "answer"),
+) -> list[dict]:
+    """The ``fields`` of an upstream stage's records (stage 2's (prompt, answer) pairs, or
+    preference pairs). A cap draws a seeded sample, not the head of the file, whose order is
+    the upstream working order (self-instruct before TGRT, say): the first N could hold no
+    red-team pair at all."""
+    pairs = [{k: r[k] for k in fields} for r in records]
     if max_examples is not None and max_examples < len(pairs):
         pairs = random.Random(seed).sample(pairs, max_examples)
     return pairs
