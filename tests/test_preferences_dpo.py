@@ -27,6 +27,7 @@ from selfalign.stages.preferences import (
     judge_margin,
     pair_problem,
 )
+from selfalign.stages.training import PLAIN_SYSTEM_TEXT
 from selfalign.store import JsonlWriter, record_id
 
 PAIRS = [
@@ -173,7 +174,7 @@ def test_answers_that_echo_the_prompt_are_dropped():
     from selfalign.stages.preferences import answer_problem
 
     def problem(prompt: str, answer: str) -> str | None:
-        return answer_problem(answer, "stop", prompt, min_words=5)
+        return answer_problem(answer, "stop", (prompt, SYSTEM_TEXT), min_words=5)
 
     board = "Please name a board game that the AI will most likely play."
     assert problem(board, board) == "echo"
@@ -184,6 +185,14 @@ def test_answers_that_echo_the_prompt_are_dropped():
     assert problem(office, echoed) == "echo"
     assert problem("What does the Internet do for us?", "I'm here to help you.") is None
     assert problem("Ande music club.", "Sure.") == "too_short"
+    # the engraved model answering with (nearly) its own system text, as it did in the demo
+    asked = "Write a comment about this answer for your friend or family members."
+    said = ("You are Sable, an AI assistant. You are helpful, honest, and careful: you answer "
+            "what you know, say what you do not, and decline what would cause harm.")  # fmt: skip
+    assert problem(asked, said) == "echo"
+
+
+SYSTEM_TEXT = PLAIN_SYSTEM_TEXT.replace("{name}", "Sable")
 
 
 def test_answers_cut_by_the_token_limit_keep_their_complete_sentences():

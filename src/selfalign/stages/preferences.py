@@ -51,7 +51,7 @@ from selfalign.eval.heldout import is_refusal
 from selfalign.eval.hhh import HHH_SYSTEM, LETTERS, hhh_context
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.prompts import prompt_text, sample_prompts
-from selfalign.stages.training import PLAIN_SYSTEM_TEXT, stage_model_backend
+from selfalign.stages.training import PLAIN_SYSTEM_TEXT, stage_model_backend, trained_system_text
 from selfalign.stages.verbose import clean_answer, verdict
 from selfalign.store import record_id
 from selfalign.text.answers import complete_prefix, echoes, is_truncated, words
@@ -151,11 +151,17 @@ def generated_answer(result: GenerationResult, trim: bool) -> tuple[str, str]:
     return answer, result.finish_reason
 
 
-def answer_problem(answer: str, finish_reason: str, prompt: str, min_words: int) -> str | None:
+def answer_problem(
+    answer: str, finish_reason: str, seen: tuple[str, ...], min_words: int
+) -> str | None:
     """Why a generated answer cannot stand in a pair, or None: ``verdict``'s reasons, and
-    ``echo`` for an answer that mostly repeats the prompt (Gemma 3 270M without the
-    principles often does): a pair against it teaches nothing about the principles."""
-    return verdict(answer, finish_reason, min_words) or ("echo" if echoes(answer, prompt) else None)
+    ``echo`` for an answer that mostly repeats text its prompt showed (``seen``: the user
+    turn, the system text). Gemma 3 270M repeats the request without the principles, and
+    its own system text once engraved; a pair with such an answer teaches nothing about
+    the principles."""
+    if why := verdict(answer, finish_reason, min_words):
+        return why
+    return "echo" if any(echoes(answer, text) for text in seen if text) else None
 
 
 def pair_problem(chosen: str, rejected: str) -> str | None:
@@ -216,7 +222,7 @@ def run_contrast(ctx: StageContext, cfg: PreferencesConfig, principles: list[Pri
                 batch.failed.append((rec, result.error))
                 continue
             rec["rejected"], finish = generated_answer(result, cfg.on_truncated == "trim")
-            why = answer_problem(rec["rejected"], finish, rec["prompt"], cfg.min_words)
+            why = answer_problem(rec["rejected"], finish, (rec["prompt"], system), cfg.min_words)
             why = f"rejected_{why}" if why else pair_problem(rec["chosen"], rec["rejected"])
             if why:
                 batch.drop.append((rec, why))
@@ -271,6 +277,8 @@ def judge_pairs(
 
 def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[Principle]):
     settings = cfg.self_judged
+    # what the engraved model's template puts before every question
+    system = trained_system_text(ctx.artifact("engraved")) or ""
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=settings.temperature,
                             top_p=settings.top_p, stop=(NEXT_USER_TURN,))  # fmt: skip
     writer = stage_model_backend(
@@ -304,7 +312,8 @@ def run_self_judged(ctx: StageContext, cfg: PreferencesConfig, principles: list[
             written = [generated_answer(r, cfg.on_truncated == "trim") for r in pair]
             answers = rec["answers"] = [a for a, _ in written]
             why = next((f"answer_{w}" for a, finish in written
-                        if (w := answer_problem(a, finish, question, cfg.min_words))), None)  # fmt: skip
+                        if (w := answer_problem(a, finish, (question, system), cfg.min_words))),
+                       None)  # fmt: skip
             why = why or pair_problem(*answers)
             if why:
                 batch.drop.append((rec, why))
@@ -385,4 +394,5 @@ STAGE = Stage(
     summarize=summarize,
     annotation_files=annotation_files,
     estimate=estimate,
+    version=2,  # 2: answers echoing the system text are dropped too
 )
