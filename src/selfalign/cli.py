@@ -20,6 +20,10 @@ app = typer.Typer(
 )
 
 
+# where each demo method leaves the model it ends with
+FINAL_MODEL = {"selfalign": "verbose/model", "dpo": "dpo/model", "mote": "mote/model"}
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="run directory")] = Path("runs/demo"),
@@ -55,7 +59,10 @@ def demo(
     report = run_demo(out, seed=seed, truthfulqa=truthfulqa, tiny=tiny, model=model,
                       method=method)  # type: ignore[arg-type]  # fmt: skip
     typer.echo(f"report: {report}")
-    typer.echo(f"final model: {report.parent / 'verbose' / 'model'}  (try: selfalign chat it)")
+    final = report.parent / FINAL_MODEL[method]
+    if (final / "merged").is_dir():
+        final = final / "merged"
+    typer.echo(f"final model: {final}  (try: selfalign chat it)")
 
 
 @app.command()
