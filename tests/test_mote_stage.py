@@ -258,3 +258,38 @@ def test_the_eval_stage_judges_the_mote_models_safety_answers(demo_run, tmp_path
     want = generate_steps(model, tokenizer, [p.prompt for p in load_prompts(prompts)],
                           mode="adaptive", max_new_tokens=24, temperature=0.0)  # fmt: skip
     assert [r["reply"] for r in kept] == [(want[0].answer or "").strip()]
+
+
+def test_launch_block_trains_under_accelerate_and_refuses_fsdp(
+    demo_run, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``launch:`` as the SFT stages have it: FSDP is refused at the start with one line;
+    DDP over two CPU processes writes the same kind of MoTE directory."""
+    cfg, run_dir = demo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    accelerate = REAL.parent / "accelerate"
+    config = yaml.safe_load(cfg.read_text())
+    config["stages"]["mote"]["train"].update(max_steps=2)
+    config["stages"]["mote"]["launch"] = {
+        "num_processes": 2, "accelerate_config": str(accelerate / "fsdp.yaml")
+    }  # fmt: skip
+    new_cfg = tmp_path / "launch.yaml"
+    new_cfg.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(["run", str(new_cfg), "--out", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("FSDP" in line and "ddp.yaml" in line for line in err), err
+
+    config["stages"]["mote"]["launch"]["accelerate_config"] = str(accelerate / "ddp.yaml")
+    new_cfg.write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert main(["run", str(new_cfg), "--out", str(copy)]) == 0
+    model_dir = copy / "mote" / "model"
+    assert is_mote_dir(model_dir) and not (model_dir / "launch").exists()
+    train = stages(copy)["mote"]["stats"]["train"]
+    assert train["method"] == "mote" and train["steps"] == 2
+    metrics = json.loads((model_dir / METRICS_FILE).read_text())
+    assert metrics["processes"] == 2
+    assert len(answers(copy)) == len(answers(run_dir))  # then it answered, in this process

@@ -143,6 +143,22 @@ def export(
         typer.echo(f"pushed: {url}")
 
 
+@app.command("mote-export")
+def mote_export(
+    mote_dir: Annotated[Path, typer.Argument(help="a MoTE model directory")],
+    out: Annotated[Path, typer.Argument(help="new (or empty) folder for the export")],
+    merged_answer: Annotated[
+        bool,
+        typer.Option("--merged-answer", help="also a plain model of the answer step alone"),
+    ] = False,
+) -> None:
+    """Each MoTE step as a peft LoRA adapter for `vllm serve --enable-lora` (see README.md)."""
+    from selfalign.mote.export import export_mote
+
+    path = export_mote(mote_dir, out, merged_answer=merged_answer)
+    typer.echo(f"exported: {path}  (how to serve: {path / 'README.md'})")
+
+
 @app.command()
 def annotations(
     path: Annotated[

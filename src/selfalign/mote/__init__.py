@@ -5,7 +5,8 @@ What other parts of selfalign call:
 - ``load_mote(dir)`` -> (model, tokenizer); ``is_mote_dir(dir)``;
 - ``generate_steps(model, tokenizer, questions, mode=...)`` -> ``StepOutput`` per question
   (``.record()`` is a chain record, ``.render()`` the steps for display);
-- ``build_mote`` / ``save_mote`` / ``export_merged_step`` for custom loops and serving.
+- ``build_mote`` / ``save_mote`` / ``export_merged_step`` for custom loops and serving;
+  ``export_mote(dir, out)``: one peft LoRA adapter per step for a LoRA server.
 
 Names are imported from their modules on first use, so ``import selfalign.mote`` (and the
 settings in ``mote.config``) cost no torch or peft import until a model is touched.
@@ -18,6 +19,7 @@ from selfalign.lazy import lazy_getattr
 _EXPORTS = {
     "config": ("MoteConfig", "MoteTrainConfig", "is_mote_dir"),
     "data": ("Chain", "Encoder", "StepCollator", "parse_chains"),
+    "export": ("export_mote",),
     "generate": ("MODES", "StepOutput", "generate_steps"),
     "layer": ("MoteLinear", "Router"),
     "model": (

@@ -8,12 +8,15 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from selfalign.errors import InputError
 from selfalign.train.reporting import ReportTo
 from selfalign.validation import ConfigPath, StrictModel
 
 SHARED = "shared"  # the shared expert's name
 CONFIG_FILE = "mote_config.json"  # marks a MoTE model directory
 METRICS_FILE = "train_metrics.json"  # written last by train_mote: the model is complete
+# Per-device batch when none is given: small, for a 7-8B model's activations on one GPU.
+DEFAULT_PER_DEVICE = 2
 TrainMethod = Literal["mote", "mote_no_shared", "mote_no_skip", "lora", "expanded"]
 
 
@@ -39,7 +42,9 @@ class MoteConfig(StrictModel):
 
 
 class MoteTrainConfig(StrictModel):
-    """Training recipe; defaults follow the paper (3 epochs, lr 2e-5, batch 16, rank 16)."""
+    """Training recipe; defaults follow the paper (3 epochs, lr 2e-5, batch 16, rank 16),
+    with the memory settings of a 7-8B base on one GPU per process: activation
+    checkpointing on and a small per-device batch, the rest by gradient accumulation."""
 
     method: TrainMethod = "mote"
     mote: MoteConfig = Field(default_factory=MoteConfig)
@@ -49,8 +54,15 @@ class MoteTrainConfig(StrictModel):
     epochs: float = Field(3.0, gt=0)
     max_steps: int = -1  # > 0 overrides epochs
     learning_rate: float = Field(2e-5, gt=0)
-    batch_size: int = Field(16, ge=1)  # effective batch (per device x accumulation)
-    per_device_batch_size: int | None = Field(None, ge=1)  # default: batch_size
+    batch_size: int = Field(
+        16, ge=1, description="examples per optimizer step over all processes (global batch)"
+    )
+    per_device_batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="default: the largest divisor of each process's share of batch_size up "
+        f"to {DEFAULT_PER_DEVICE}; gradient accumulation makes up the rest",
+    )
     max_length: int = Field(2048, ge=8)
     lr_scheduler: str = "cosine"
     warmup: float = Field(0.03, ge=0)  # ratio of steps if < 1, else steps
@@ -58,7 +70,10 @@ class MoteTrainConfig(StrictModel):
     max_grad_norm: float = 1.0
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    gradient_checkpointing: bool = False
+    # On by default: at 7-8B activations, not the LoRA-sized experts, fill the GPU.
+    gradient_checkpointing: bool = True
+    # The base in 4-bit NF4 (bitsandbytes, CUDA only); the experts still train in float32.
+    quantize_base: bool = False
     # Packed chains need a 4D attention mask: sdpa or eager, not flash-attention.
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
     logging_steps: int = 10
@@ -73,6 +88,33 @@ class MoteTrainConfig(StrictModel):
     resume: bool = True  # continue from the last checkpoint in out_dir/checkpoints
     seed: int = 0
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> MoteTrainConfig:
+        if self.per_device_batch_size and self.batch_size % self.per_device_batch_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not a multiple of per_device_batch_size "
+                f"{self.per_device_batch_size}"
+            )
+        return self
+
+    def per_device(self, world_size: int = 1) -> int:
+        """Examples per forward pass on one process."""
+        if self.per_device_batch_size is not None:
+            return self.per_device_batch_size
+        share = max(1, self.batch_size // world_size)
+        return max(d for d in range(1, min(DEFAULT_PER_DEVICE, share) + 1) if share % d == 0)
+
+    def accumulation_steps(self, world_size: int = 1) -> int:
+        """Gradient accumulation so that an optimizer step sees ``batch_size`` examples."""
+        per_step = self.per_device(world_size) * world_size
+        if self.batch_size % per_step:
+            raise InputError(
+                f"batch_size {self.batch_size} is not a multiple of per_device_batch_size x "
+                f"processes ({self.per_device(world_size)} x {world_size})",
+                field="batch_size",
+            )
+        return self.batch_size // per_step
 
     def resolved_mote(self) -> MoteConfig:
         """The expert architecture after the method's overrides."""

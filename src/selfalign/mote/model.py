@@ -32,6 +32,7 @@ from peft import (
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from selfalign.chat_format import chat_template
 from selfalign.errors import InputError
 from selfalign.mote.config import CONFIG_FILE, SHARED, MoteConfig
 from selfalign.mote.layer import NO_STEP_EXPERT, MoteLinear, Router
@@ -39,6 +40,7 @@ from selfalign.mote.steps import StepTokens, add_step_tokens, step_ids_from_inpu
 from selfalign.text.steps import QUESTION, STEPS
 
 ADAPTER_FILE = "mote_adapter.safetensors"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # where transformers reads a tokenizer's template
 LORA_DIR = "lora_adapter"  # the plain-LoRA baseline's peft adapter
 FORMAT = "selfalign-mote/1"
 TOKENS_ADAPTER = "step_tokens"
@@ -256,6 +258,17 @@ def _write_config(out: Path, state: MoteState) -> None:
     (out / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
+def fallback_chat_template(tokenizer, system: str | None) -> str:
+    """The template for a tokenizer without one: selfalign's chat format, in which
+    ``prompt_ids`` then built the prompts, with the training system text as default.
+    It writes BOS only where the tokenizer itself adds one, as that fallback did."""
+    template = chat_template(system or "")
+    bos = tokenizer.bos_token_id
+    if bos is None or tokenizer("x").input_ids[:1] != [bos]:
+        template = template.removeprefix("{{ bos_token }}")
+    return template
+
+
 def save_mote(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Write base model dir + tokenizer + adapter files (see module docstring)."""
     out = Path(out_dir)
@@ -264,6 +277,9 @@ def save_mote(model: nn.Module, tokenizer, out_dir: str | Path) -> Path:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     base.save_pretrained(out, state_dict=base_state_dict(base))
     tokenizer.save_pretrained(out)
+    if not tokenizer.chat_template:
+        template = fallback_chat_template(tokenizer, state.system)
+        (out / CHAT_TEMPLATE_FILE).write_text(template, encoding="utf-8")
     if state.method == "lora":
         # In a subfolder: transformers would auto-load an adapter_config.json beside config.json.
         model.save_pretrained(out / LORA_DIR, save_embedding_layers=False)

@@ -5,7 +5,9 @@ Training: ``selfalign.mote.train_mote`` on the kept chains into ``mote/model`` (
 directory ``load_mote`` reads; ``train.method`` picks MoTE or a baseline: mote,
 mote_no_shared, mote_no_skip, lora, expanded). It resumes from its checkpoints when
 ``train.save_strategy`` writes them; once built, the runner records the model and a
-resumed stage goes straight to the answers.
+resumed stage goes straight to the answers. ``launch: {num_processes, accelerate_config}``
+trains under ``accelerate launch`` (``python -m selfalign.mote.train_entry``) as DDP, as the
+SFT stages do; an accelerate config for FSDP or DeepSpeed ZeRO-3 is refused at the start.
 
 Answers (``mote/records.jsonl``): ``answer.questions`` (a query file, same formats as the
 chains stage) or, without one, the first ``answer.limit`` chain questions, which the
@@ -39,7 +41,7 @@ from selfalign.stages.api import (
     StageContext,
 )
 from selfalign.stages.chains import load_queries
-from selfalign.stages.training import base_model_dir
+from selfalign.stages.training import LaunchConfig, base_model_dir
 from selfalign.store import record_id
 from selfalign.text.aligncot import chain_length
 from selfalign.validation import ExistingPath, StrictModel
@@ -64,6 +66,7 @@ class AnswerSettings(StrictModel):
 class MoteStageConfig(StageConfig):
     train: MoteTrainConfig = Field(default_factory=MoteTrainConfig)
     answer: AnswerSettings = Field(default_factory=AnswerSettings)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     max_chains: int | None = Field(None, ge=1, description="train on the first N chains only")
 
 
@@ -133,13 +136,19 @@ def run_mote(ctx: StageContext) -> Iterator[Artifact | MapWork]:
 
     def build(folder: Path) -> None:
         from selfalign.mote import parse_chains, train_mote
+        from selfalign.mote.train_entry import check_launch, launch_mote
 
+        check_launch(cfg.launch)  # before the chains are read or anything launched
         chains = parse_chains(records, file=ctx.run_dir / "chains" / "records.jsonl")
         if not chains:
             raise StageError("the chains stage kept no chains: nothing to train on")
         lengths = Counter(r.get("length") for r in records)
         ctx.log(f"training {cfg.train.method} on {len(chains)} chains ({dict(lengths)})")
-        train_mote(chains, base_model_dir(ctx.run.model), folder, _train_config(ctx))
+        base, config = base_model_dir(ctx.run.model), _train_config(ctx)
+        if cfg.launch.num_processes == 1 and cfg.launch.accelerate_config is None:
+            train_mote(chains, base, folder, config)
+        else:
+            launch_mote(chains, base, folder, config, cfg.launch)
 
     yield Artifact(build, examples=len(records))
     if cfg.answer.enabled:
