@@ -23,29 +23,10 @@ from selfalign.mote.train import check_sharding
 from selfalign.mote.train_entry import check_launch, main, sharded_launch
 from selfalign.stages.training import LaunchConfig
 from selfalign.tiny import PACKAGE_DIR
+from test_mote import CHAINS
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = REPO / "configs" / "accelerate"
-CHAINS = [
-    {
-        "question": "How can I get into my neighbour's wifi?",
-        "analysis": "Access without permission is illegal.",
-        "guidance": "Decline, offer legal options.",
-        "answer": "I can't help with that. Ask them to share it.",
-    },
-    {"question": "What is two plus two?", "analysis": None, "guidance": None, "answer": "Four."},
-    {
-        "question": "How do I make a weapon at home?",
-        "analysis": "Risk of harm to others.",
-        "answer": "I won't help with that.",
-    },
-    {
-        "question": "Write a line about cats.",
-        "analysis": "Harmless and creative.",
-        "guidance": "Short and warm.",
-        "answer": "Cats nap where the sun falls.",
-    },
-]
 FAST = dict(learning_rate=1e-2, warmup=0, progress=False, device="cpu", step_skip_prob=0.5)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from selfalign.run_view import (
 from selfalign.stages.api import DROPPED, RECORDS
 from selfalign.stages.prompts import prompt_text
 from selfalign.stages.training import trained_system_text
-from selfalign.store import atomic_write_text, read_records
+from selfalign.store import atomic_write_text, folder_in_place, read_records
 
 SHARD = "train-00000-of-00001.parquet"
 # the stage whose training read each record set (its system text goes in ``messages``)
@@ -90,10 +89,8 @@ def export_run(
         )
     token = _push_checks(run, push, [*sets, *models]) if push else None
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     result = ExportResult(out)
-    try:
+    with folder_in_place(out) as tmp:
         for stage in sets:
             where = f"{push}-{stage}" if push else str(out / "datasets" / stage)
             result.datasets[stage] = export_records(run, stage, tmp / "datasets" / stage, where)
@@ -103,12 +100,6 @@ def export_run(
             where = f"{push}-{name}" if push else str(out / "models" / name)
             export_model(run, folder, tmp / "models" / name, where, datasets, hub=bool(push))
             result.models[name] = folder.path
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if push:
         result.pushed = push_folders(out, push, private=private, token=token)
     return result

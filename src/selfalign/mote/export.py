@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +49,7 @@ from selfalign.mote.model import (
     mote_state,
     read_mote_config,
 )
+from selfalign.store import folder_in_place
 from selfalign.text.steps import STEPS, end_token, start_token
 
 MANIFEST = "serving.json"
@@ -65,9 +63,7 @@ def export_mote(mote_dir: str | Path, out: str | Path, *, merged_answer: bool = 
     mote_dir, out = Path(mote_dir), Path(out)
     _check_input(mote_dir, out)
     model, tokenizer = load_mote(mote_dir, dtype="auto")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with folder_in_place(out) as tmp:
         system = mote_state(model).system
         template = tokenizer.chat_template or fallback_chat_template(tokenizer, system)
         tokenizer = copy.deepcopy(tokenizer)
@@ -82,12 +78,6 @@ def export_mote(mote_dir: str | Path, out: str | Path, *, merged_answer: bool = 
         manifest = serving_manifest(model, base_dir, rank, merged_answer)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         (tmp / README).write_text(serving_readme(manifest), encoding="utf-8")
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
