@@ -258,3 +258,41 @@ def test_train_tokens_are_the_tokens_trl_trains_on(tiny_model: Path, tmp_path: P
     plan = plan_training(examples, trainer.processing_class, cfg, "Be brief.")
     assert plan.tokens == sum(len(row["input_ids"]) for row in trainer.train_dataset)
     assert plan.dropped == 1 and plan.truncated == 1
+
+
+def test_dry_run_turns_training_tokens_into_time_with_the_run_throughputs(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    """Engraving 4 pairs at most (stage 2's estimate), 2 steps x global batch 2 x 64 tokens
+    = 256 training tokens: 8 s at 32 tokens/s, from the user's number or from a GPU
+    check's JSON; a JSON without its LoRA part is exit 2 naming the file and field."""
+    cfg = fresh_config(tmp_path / "run.yaml", tiny_model)
+    config = yaml.safe_load(cfg.read_text())
+    config["stages"]["engraved"] = {"train": TRAIN}
+    run_dir = tmp_path / "run"
+    cfg.write_text(yaml.safe_dump(config))
+    out = dry_run(cfg, run_dir, capsys)
+    assert "training unknown (no earlier run of this stage measured it; set throughputs" in out
+
+    config["throughputs"] = {"train_tokens_per_s": 32}
+    cfg.write_text(yaml.safe_dump(config))
+    out = dry_run(cfg, run_dir, capsys)
+    assert (
+        "8.0s training (at most 256 tokens at 32 tokens/s, throughputs.train_tokens_per_s)" in out
+    )
+
+    check = tmp_path / "gpu_check.json"
+    lora = {"dtype": "bfloat16", "lora": {"r": 16}, "seq": 1024, "tokens_per_s": 32.0}
+    check.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "lora": lora}))
+    config["throughputs"] = {"gpu_check": check.name}  # relative to the config's folder
+    cfg.write_text(yaml.safe_dump(config))
+    out = dry_run(cfg, run_dir, capsys)
+    assert ("8.0s training (at most 256 tokens at 32 tokens/s, scripts/gpu_check.sh on "
+            "NVIDIA H200: 8B bfloat16 LoRA r=16, seq 1024)") in out  # fmt: skip
+    assert not run_dir.exists()
+
+    check.write_text(json.dumps({"lora": {"error": "CUDA out of memory"}}))
+    assert main(["run", str(cfg), "--out", str(run_dir), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gpu_check.json" in err
+    assert "throughputs.gpu_check" in err and "CUDA out of memory" in err

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from selfalign.chat_format import ASSISTANT_TAG, chat_template, render_prompt
+from selfalign.cli import main
 from selfalign.errors import InputError
 from selfalign.train import TrainConfig, build_trainer, parse_train_config, train_sft
 from selfalign.train.data import read_examples
@@ -443,7 +444,7 @@ def test_pretrain_corpus_reads_annotations_at_call_time(
 # --- the shipped 8B config ----------------------------------------------------------
 
 
-def test_shipped_8b_config_fits_stage_2_answers(tmp_path: Path, tiny_model: Path):
+def test_shipped_8b_config_fits_stage_2_answers(tmp_path: Path, tiny_model: Path, capsys):
     """configs/selfalign_8b.yaml (HHH block switched on, paths pointed at real files)
     validates, and its training lengths hold a whole generated answer and its end marker."""
     from selfalign.config import load_run_config
@@ -451,11 +452,21 @@ def test_shipped_8b_config_fits_stage_2_answers(tmp_path: Path, tiny_model: Path
     text = (REPO / "configs" / "selfalign_8b.yaml").read_text()
     text = text.replace("/models/Meta-Llama-3.1-8B", str(tiny_model))
     tqa, hhh = tmp_path / "mc_task.json", tmp_path / "hhh_alignment"
-    tqa.write_text("[]")
+    targets = {"Yes.": 1, "No.": 0}
+    tqa.write_text(json.dumps([{"question": "Is water wet?", "mc1_targets": targets,
+                                "mc2_targets": targets}]))  # fmt: skip
     hhh.mkdir()
+    example = {"input": "How do I stay safe online?",
+               "target_scores": {"Use strong passwords.": 1, "Share your passwords.": 0}}  # fmt: skip
+    (hhh / "task.json").write_text(json.dumps({"examples": [example]}))
     text = re.sub(r"data: \S+mc_task\.json", f"data: {tqa}", text)
     text, n = re.subn(r"\n    # hhh:.*\n    #   data: \S+", f"\n    hhh:\n      data: {hhh}", text)
     assert n == 1  # the commented-out HHH block is there to fill in
+    check = tmp_path / "gpu_check.json"  # as scripts/gpu_check.sh writes it on a GPU
+    check.write_text(json.dumps({"environment": {"device": "NVIDIA H200"}, "lora": {
+        "dtype": "bfloat16", "lora": {"r": 16}, "seq": 1024, "tokens_per_s": 5000.0}}))  # fmt: skip
+    text, n = re.subn(r"gpu_check: null", f"gpu_check: {check}", text)
+    assert n == 1
     config = tmp_path / "selfalign_8b.yaml"
     config.write_text(text)
     _, stages = load_run_config(config)
@@ -468,3 +479,11 @@ def test_shipped_8b_config_fits_stage_2_answers(tmp_path: Path, tiny_model: Path
         assert train.max_length >= answer_tokens + 384, name
         assert train.warmup_ratio is not None and train.warmup_ratio < 0.2, name
         assert train.accumulation_steps(world_size=1) * train.per_device_batch_size == 128
+    # dry-run hours for training come from the GPU check's measured LoRA speed
+    assert main(["run", str(config), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("engraved", "verbose"):
+        stage = out[out.index(f"  {name} ") :]
+        assert re.match(r"(?s).*?training \(at most \S+ tokens at 5,000 tokens/s, "
+                        r"scripts/gpu_check.sh on NVIDIA H200", stage), name  # fmt: skip
+    assert not (tmp_path / "run").exists()

@@ -16,7 +16,7 @@ from selfalign.backends.config import BackendConfig
 from selfalign.backends.spec import resolve_local_spec
 from selfalign.errors import InputError
 from selfalign.registry import STAGE_MODULES, load_stage
-from selfalign.validation import ConfigPath, StrictModel, load_yaml, validate_model
+from selfalign.validation import ConfigPath, ExistingPath, StrictModel, load_yaml, validate_model
 
 
 def resolve_spec(spec: str, info: ValidationInfo) -> str:
@@ -37,6 +37,21 @@ class StageConfig(StrictModel):
     backend: BackendConfig | None = None
 
 
+class Throughputs(StrictModel):
+    """Measured speeds that only ``run --dry-run`` reads, to turn its training token
+    estimates into hours (generation speeds are each backend's ``throughput_tokens_per_s``).
+    An earlier run of the same stage in the run directory measured more closely, and wins."""
+
+    gpu_check: ExistingPath | None = Field(
+        None, description="scripts/gpu_check.sh's JSON: its 8B LoRA training tokens/s"
+    )
+    train_tokens_per_s: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="your own measured training speed, tokens/s over all devices "
+        "(wins over gpu_check)",
+    )  # fmt: skip
+
+
 class RunConfig(StrictModel):
     name: str = "run"
     seed: int = 0
@@ -53,6 +68,7 @@ class RunConfig(StrictModel):
         None, description="generation backend; defaults to the base model on hf"
     )
     out_dir: ConfigPath | None = None
+    throughputs: Throughputs = Field(default_factory=Throughputs)
     stages: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
     def generation_backend(self) -> BackendConfig:

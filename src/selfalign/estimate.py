@@ -5,19 +5,23 @@ settings' sizes, its inputs counted from the upstream stages: their real record 
 when complete, else their own estimates). Time is the completion tokens over a
 throughput: the stage's ``backend.throughput_tokens_per_s``, else the one an earlier run
 of the same stage measured in this run directory (its completion tokens over its
-generation seconds), else unknown, and said so; training time comes only from an earlier
-run's seconds per example. Money as ``selfalign.cost`` charges a finished stage. A stage
-to resume is estimated whole (an upper bound on what it has left). Reads
-only: nothing is written, no model is loaded (a local model's ``tokenizer.json`` is read
-with the ``tokenizers`` library to count prompt tokens).
+generation seconds), else unknown, and said so. Training time is an earlier run's
+seconds per example, else the stage's training token bound over the run's
+``throughputs`` (``train_tokens_per_s``, or the 8B LoRA tokens/s of a
+``scripts/gpu_check.sh`` JSON), else unknown. Money as ``selfalign.cost`` charges a
+finished stage. A stage to resume is estimated whole (an upper bound on what it has
+left). Reads only: nothing is written, no model is loaded (a local model's
+``tokenizer.json`` is read with the ``tokenizers`` library to count prompt tokens).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from selfalign.backends.config import BackendConfig
@@ -31,6 +35,7 @@ from selfalign.cost import (
     train_devices,
     training_seconds,
 )
+from selfalign.errors import InputError
 from selfalign.stages.api import Estimate, EstimateContext
 
 NO_THROUGHPUT = "no throughput: set backend.throughput_tokens_per_s, or run the stage once"
@@ -72,8 +77,8 @@ class StageEstimate:
     throughput: float | None  # completion tokens per second
     throughput_source: str | None
     generation_s: float | None  # None: unknown
-    train_s_per_example: float | None
     training_s: float | None
+    training_source: str | None  # how training_s was found
     money: float | None
     currency_basis: str | None
     priced: bool  # some price applies to this stage
@@ -100,12 +105,43 @@ def measured_rates(entry: Mapping[str, Any] | None) -> tuple[float | None, float
     return throughput, per_example
 
 
+def train_throughput(run: RunConfig) -> tuple[float, str] | None:
+    """(training tokens/s, where it came from) from the run's ``throughputs`` block."""
+    given = run.throughputs
+    if given.train_tokens_per_s is not None:
+        return given.train_tokens_per_s, "throughputs.train_tokens_per_s"
+    if given.gpu_check is not None:
+        return gpu_check_train_speed(given.gpu_check)
+    return None
+
+
+def gpu_check_train_speed(path: Path) -> tuple[float, str]:
+    """The LoRA part of a ``scripts/gpu_check.sh`` JSON: (tokens/s, what was measured)."""
+    field = "throughputs.gpu_check"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InputError(
+            f"not a readable JSON file ({type(e).__name__})", file=path, field=field
+        ) from None
+    lora = data.get("lora") if isinstance(data, dict) else None
+    speed = lora.get("tokens_per_s") if isinstance(lora, dict) else None
+    if not isinstance(speed, int | float) or isinstance(speed, bool) or not speed > 0:
+        why = (lora or {}).get("error") or (lora or {}).get("skipped") or "no such part"
+        raise InputError(f"has no lora.tokens_per_s ({str(why)[:120]})", file=path, field=field)
+    device = (data.get("environment") or {}).get("device", "an unnamed device")
+    rank = (lora.get("lora") or {}).get("r", "?")
+    what = f"8B {lora.get('dtype', '?')} LoRA r={rank}, seq {lora.get('seq', '?')}"
+    return float(speed), f"scripts/gpu_check.sh on {device}: {what}"
+
+
 def estimate_stage(
     name: str,
     estimate: Estimate,
     config: StageConfig,
     run: RunConfig,
     entry: Mapping[str, Any] | None,
+    train_speed: tuple[float, str] | None = None,
 ) -> StageEstimate:
     backend: BackendConfig = getattr(config, "backend", None) or run.generation_backend()
     run_backend = run.generation_backend()
@@ -120,8 +156,18 @@ def estimate_stage(
     if estimate.completion_tokens:
         generation_s = estimate.completion_tokens / throughput if throughput else None
     training_s: float | None = 0.0
+    training_source = None
     if estimate.train_examples:
-        training_s = estimate.train_examples * per_example if per_example is not None else None
+        training_s = None
+        if per_example is not None:
+            training_s = estimate.train_examples * per_example
+            training_source = f"{per_example:.2f}s per example, measured by an earlier run"
+        elif train_speed is not None and estimate.train_tokens:
+            training_s = estimate.train_tokens / train_speed[0]
+            training_source = (
+                f"at most {format_tokens(estimate.train_tokens)} tokens at "
+                f"{train_speed[0]:,.0f} tokens/s, {train_speed[1]}"
+            )
     money, basis = charge(
         backend, run_backend, train_devices(config.model_dump(mode="json")),
         requests=bool(estimate.requests), prompt=estimate.prompt_tokens,
@@ -129,8 +175,8 @@ def estimate_stage(
         trains=bool(estimate.train_examples),
     )  # fmt: skip
     return StageEstimate(
-        name, estimate, throughput, source, generation_s, per_example, training_s, money,
-        basis, basis is not None,
+        name, estimate, throughput, source, generation_s, training_s,
+        training_source, money, basis, basis is not None,
     )  # fmt: skip
 
 
@@ -149,6 +195,7 @@ def estimate_plan(
     }
     count = token_counter(run.model)
     typical = typical_prompt_tokens(count)
+    train_speed = train_throughput(run)
     out: dict[str, StageEstimate | None] = {}
     for item in plan:
         name = item.stage.name
@@ -162,7 +209,7 @@ def estimate_plan(
         ectx = EstimateContext(run, dict(upstream), count, typical)
         est = stage.estimate(item.config, ectx)
         upstream[name] = est.outputs
-        out[name] = estimate_stage(name, est, item.config, run, entries.get(name))
+        out[name] = estimate_stage(name, est, item.config, run, entries.get(name), train_speed)
     return out
 
 
@@ -178,12 +225,12 @@ def _time_text(e: StageEstimate) -> str:
             )
     if e.estimate.train_examples:
         if e.training_s is None:
-            parts.append("training unknown (no earlier run of this stage measured it)")
-        else:
             parts.append(
-                f"{format_seconds(e.training_s)} training ({e.train_s_per_example:.2f}s per "
-                "example, measured by an earlier run)"
+                "training unknown (no earlier run of this stage measured it; set "
+                "throughputs.train_tokens_per_s or throughputs.gpu_check)"
             )
+        else:
+            parts.append(f"{format_seconds(e.training_s)} training ({e.training_source})")
     if parts:
         return " + ".join(parts)
     return "not estimated (its requests generate nothing)" if e.estimate.requests else "none"

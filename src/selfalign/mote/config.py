@@ -17,7 +17,12 @@ CONFIG_FILE = "mote_config.json"  # marks a MoTE model directory
 METRICS_FILE = "train_metrics.json"  # written last by train_mote: the model is complete
 # Per-device batch when none is given: small, for a 7-8B model's activations on one GPU.
 DEFAULT_PER_DEVICE = 2
-TrainMethod = Literal["mote", "mote_no_shared", "mote_no_skip", "lora", "expanded"]
+TrainMethod = Literal[
+    "mote", "mote_no_shared", "mote_no_skip", "mote_no_both", "lora", "expanded", "vanilla_moe",
+    "mixlora",
+]  # fmt: skip
+# Methods whose experts a learned token-level gate picks, not the chain's steps.
+GATED = ("vanilla_moe", "mixlora")
 
 
 class MoteConfig(StrictModel):
@@ -33,11 +38,23 @@ class MoteConfig(StrictModel):
     # "answer" by default: every chain has an answer, so that expert sees the most data.
     question_expert: Literal["analysis", "guidance", "answer", "shared"] = "answer"
     seed: int = 0
+    # The ablation rows' routing. "step": by the chain's steps (MoTE). "gate": a learned
+    # linear gate per layer picks the top_k step experts per token (Vanilla MoE, MixLoRA),
+    # with a load-balancing loss and, for MixLoRA, a contrastive loss between experts.
+    routing: Literal["step", "gate"] = "step"
+    top_k: int = Field(2, ge=1, le=3)
+    balance_weight: float = Field(0.01, ge=0)
+    contrastive_weight: float = Field(0.0, ge=0)
+    # Decoding as the expanded baseline was trained: at each step switch the whole context
+    # is recomputed by the new step's expert, instead of keeping earlier tokens' K/V.
+    recompute_at_switch: bool = False
 
     @model_validator(mode="after")
     def _shared_needed(self) -> MoteConfig:
         if self.question_expert == SHARED and not self.shared_expert:
             raise ValueError("question_expert 'shared' needs shared_expert: true")
+        if self.routing == "gate" and self.shared_expert:
+            raise ValueError("gate routing mixes the step experts alone: shared_expert: false")
         return self
 
 
@@ -117,11 +134,22 @@ class MoteTrainConfig(StrictModel):
         return self.batch_size // per_step
 
     def resolved_mote(self) -> MoteConfig:
-        """The expert architecture after the method's overrides."""
-        if self.method != "mote_no_shared":
-            return self.mote
-        question = "answer" if self.mote.question_expert == "shared" else self.mote.question_expert
-        return self.mote.model_copy(update={"shared_expert": False, "question_expert": question})
+        """The expert architecture after the method's overrides: no shared expert for
+        ``mote_no_shared``, ``mote_no_both`` and the gated methods; a gate for
+        ``vanilla_moe`` (load balancing) and ``mixlora`` (plus the contrastive loss, 0.1
+        unless set); recomputation at step switches for ``expanded``."""
+        update: dict[str, object] = {}
+        if self.method in ("mote_no_shared", "mote_no_both", *GATED):
+            question = self.mote.question_expert
+            update |= {"shared_expert": False,
+                       "question_expert": "answer" if question == SHARED else question}  # fmt: skip
+        if self.method in GATED:
+            update["routing"] = "gate"
+            if self.method == "mixlora" and "contrastive_weight" not in self.mote.model_fields_set:
+                update["contrastive_weight"] = 0.1
+        if self.method == "expanded":
+            update["recompute_at_switch"] = True
+        return self.mote.model_copy(update=update) if update else self.mote
 
     @property
     def skip_prob(self) -> float:

@@ -86,9 +86,16 @@ def _check_input(mote_dir: Path, out: Path) -> None:
         raise InputError(
             "not a selfalign MoTE model directory (no mote_config.json)", file=mote_dir
         )
-    if read_mote_config(mote_dir).get("method") != "mote":
+    payload = read_mote_config(mote_dir)
+    if payload.get("method") != "mote":
         raise InputError(
             "a plain-LoRA baseline: its lora_adapter/ folder is already a peft adapter",
+            file=mote_dir,
+        )
+    if (payload.get("mote") or {}).get("routing", "step") != "step":
+        raise InputError(
+            "a gated ablation model (Vanilla MoE, MixLoRA): a learned gate mixes its experts "
+            "per token, which no per-step LoRA adapter can stand for",
             file=mote_dir,
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -10,6 +10,12 @@ computes it and everything after it, while the K/V of earlier tokens stay as the
 computed by their own step's expert, exactly as in packed training.
 
 Sampling draws per question (``SeededSampler``), so a chain does not depend on its batch.
+
+The expanded baseline was trained with every token of an example (question and earlier
+steps) computed by that example's step expert, so it decodes that way too
+(``MoteConfig.recompute_at_switch``): question by question, generation stops after each
+start token, and the next phase prefills the whole context again with the new step's
+expert before writing the step.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ import torch
 from transformers import (
     GenerationConfig,
     LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
-    TopPLogitsWarper,
 )
 from transformers.generation.streamers import BaseStreamer
 
@@ -111,20 +118,89 @@ def generate_steps(
         max_step_tokens=max_step_tokens,
     )  # fmt: skip
     out: list[StepOutput] = []
+    recompute = state.router is not None and state.config.recompute_at_switch
+    if recompute:
+        batch_size = 1  # each question's phases end at its own step switches
     for start in range(0, len(questions), batch_size):
         chunk = list(questions[start : start + batch_size])
         processors = LogitsProcessorList([grammar])
         if temperature > 0:  # drawn per question, only where the grammar lets it choose
             processors.append(TemperatureLogitsWarper(temperature))
-            if top_p < 1.0:
-                processors.append(TopPLogitsWarper(top_p))
             seeds = [seed + start + i for i in range(len(chunk))]
-            processors.append(SeededSampler(seeds, chooses=grammar.chooses))
+            processors.append(SeededSampler(seeds, chooses=grammar.chooses, top_p=top_p))
+        if recompute:
+            out.append(_generate_recomputed(
+                model, tokenizer, grammar, processors, chunk[0], system, max_new_tokens,
+                return_logits, streamer,
+            ))  # fmt: skip
+            continue
         out += _generate_batch(
             model, tokenizer, grammar, processors, chunk, system, max_new_tokens,
             return_logits, streamer,
         )  # fmt: skip
     return out
+
+
+class _AfterStartToken(StoppingCriteria):
+    """Stops once the row has written a step's start token in this call."""
+
+    def __init__(self, tokens: StepTokens, prompt_len: int) -> None:
+        self.starts = torch.tensor(sorted(tokens.start))
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        written = input_ids.shape[1] > self.prompt_len
+        last = torch.isin(input_ids[:, -1], self.starts.to(input_ids.device))
+        return last & written
+
+
+def _generate_recomputed(
+    model, tokenizer, grammar: StepGrammar, processors: LogitsProcessorList, question: str,
+    system: str | None, max_new_tokens: int, return_logits: bool,
+    streamer: BaseStreamer | None,
+) -> StepOutput:  # fmt: skip
+    """One question, one ``generate`` call per phase: the first writes the first start
+    token (question routing); each next one prefills question + everything written with
+    every token routed to the step just started, and writes until the next start token.
+    A ``streamer`` gets the prompt, then each phase's tokens, then its end."""
+    router = mote_state(model).router
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt = prompt_ids(tokenizer, question, system)
+    written: list[int] = []
+    logits: list[torch.Tensor] = []
+    step = None
+    if streamer is not None:
+        streamer.put(torch.tensor(prompt))
+    try:
+        while len(written) < max_new_tokens:
+            router.force_step = step
+            ids = torch.tensor([prompt + written], device=device)
+            budget = max_new_tokens - len(written)
+            config = _generation_config(grammar.tokens, pad, budget, return_logits)
+            stop = StoppingCriteriaList([_AfterStartToken(grammar.tokens, ids.shape[1])])
+            with sole_generation_config(config, model):
+                gen = model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    logits_processor=processors, generation_config=config, stopping_criteria=stop,
+                )  # fmt: skip
+            new = gen.sequences[0, ids.shape[1] :].tolist()
+            if return_logits:
+                logits.append(torch.stack(gen.logits, 1)[0].cpu())
+            written += new
+            if streamer is not None and new:
+                streamer.put(torch.tensor(new))
+            step = grammar.tokens.step_of_start(written[-1]) if new else None
+            if step is None:  # the answer ended, or the budget ran out mid-step
+                break
+    finally:
+        router.force_step = None
+        if streamer is not None:
+            streamer.end()
+    output = _split(tokenizer, grammar.tokens, question, written)
+    if return_logits and output.token_ids:
+        output.logits = torch.cat(logits)[: len(output.token_ids)]
+    return output
 
 
 def _generate_batch(

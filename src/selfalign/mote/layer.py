@@ -9,6 +9,17 @@ token to use one step expert plus the shared expert::
 names the LoRA weights, one adapter per expert) and replaces only ``forward``. Tokens are
 gathered per expert, so an expert's ``lora_A`` sees exactly the tokens routed to it.
 All layers read the routing of the current forward pass from one shared ``Router``.
+
+The gated ablation rows (Vanilla MoE, MixLoRA) route instead with a learned linear gate
+per layer (``lora_gate``, trained with the experts): each token goes to its ``top_k``
+step experts, weighted by the gate's renormalised softmax. Each layer then leaves its
+auxiliary losses on the router for the trainer: Switch Transformer's load balancing
+(experts x sum of token share x mean gate probability; 1 when balanced), and with a
+contrastive weight an expert-contrastive term in the spirit of MoELoRA/MixLoRA: the
+experts' rank-space views (``lora_A``) of a few tokens, contrasted so that each expert's
+views of different tokens lie closer than other experts' views (supervised contrastive
+loss, the expert as the label). It acts on ``lora_A`` because ``lora_B`` starts at zero,
+where the experts' outputs are all zero and cannot be contrasted.
 """
 
 from __future__ import annotations
@@ -16,12 +27,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 
 from selfalign.mote.config import SHARED
 from selfalign.text.steps import QUESTION, STEPS
 
 NO_STEP_EXPERT = -1  # route value for "shared expert only"
+CONTRASTIVE_TOKENS = 32  # tokens per layer and forward whose expert views are contrasted
+CONTRASTIVE_TEMPERATURE = 0.1
 
 
 @dataclass
@@ -40,6 +54,10 @@ class Router:
     expert_ids: torch.Tensor | None = None
     rows: list[torch.Tensor] = field(default_factory=list)  # flat token indices per expert
     last_step: torch.Tensor | None = None  # step of each row's last token (for decoding)
+    force_step: int | None = None  # set: a prefill routes every token to this step
+    gate_top_k: int | None = None  # set: a learned gate routes (the gated ablation rows)
+    contrastive: bool = False  # gated layers also leave the expert-contrastive loss
+    aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     generator: torch.Generator = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -50,6 +68,15 @@ class Router:
         flat = expert_ids.reshape(-1)
         self.expert_ids = expert_ids
         self.rows = [(flat == i).nonzero().squeeze(-1) for i in range(len(STEPS))]
+
+    def add_aux(self, name: str, value: torch.Tensor) -> None:
+        self.aux_losses.setdefault(name, []).append(value)
+
+    def take_aux(self) -> dict[str, torch.Tensor]:
+        """The mean of each auxiliary loss over the layers of the last forward pass."""
+        out = {k: torch.stack(v).mean() for k, v in self.aux_losses.items() if v}
+        self.aux_losses = {}
+        return out
 
     @property
     def step_weight(self) -> float:
@@ -94,6 +121,9 @@ class MoteLinear(LoraLinear):
         if self.merged:
             raise RuntimeError("MoTE layers cannot be merged in place; use export_merged_step")
         router = self.router
+        if router is not None and router.gate_top_k is not None:
+            delta = self._gated(x.reshape(-1, x.shape[-1]), router)
+            return result + delta.reshape(result.shape).to(result.dtype)
         routes = None if router is None else router.expert_ids
         if routes is None or routes.shape != x.shape[:-1]:
             raise RuntimeError(
@@ -117,6 +147,49 @@ class MoteLinear(LoraLinear):
         if router.shared:
             delta = delta + (1.0 - router.alpha) * self._expert(SHARED, flat_x)
         return result + delta.reshape(result.shape).to(result.dtype)
+
+    def _gated(self, flat_x: torch.Tensor, router: Router) -> torch.Tensor:
+        """Top-k gated mixture of the step experts (see the module docstring)."""
+        gate = self.lora_gate
+        probs = gate(self._cast_input_dtype(flat_x, gate.weight.dtype)).float().softmax(-1)
+        top_p, top_i = probs.topk(router.gate_top_k, -1)
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+        delta = torch.zeros(flat_x.shape[0], self.out_features, device=flat_x.device,
+                            dtype=self.lora_B[STEPS[0]].weight.dtype)  # fmt: skip
+        for e, name in enumerate(STEPS):
+            chosen = top_i == e
+            rows = chosen.any(-1).nonzero().squeeze(-1)
+            if rows.numel() == 0 and not torch.is_grad_enabled():
+                continue
+            weight = (top_p * chosen).sum(-1).index_select(0, rows).unsqueeze(-1)
+            out = self._expert(name, flat_x.index_select(0, rows))
+            delta = delta.index_add(0, rows, (out * weight).to(delta.dtype))
+        if torch.is_grad_enabled():
+            share = F.one_hot(top_i, len(STEPS)).float().sum(1).mean(0) / router.gate_top_k
+            router.add_aux("balance", len(STEPS) * (share * probs.mean(0)).sum())
+            if router.contrastive:
+                router.add_aux("contrastive", self._contrastive(flat_x))
+        return delta
+
+    def _contrastive(self, flat_x: torch.Tensor) -> torch.Tensor:
+        """Supervised contrastive loss over every expert's ``lora_A`` view of a few tokens
+        (evenly spaced), the expert as the label."""
+        n = flat_x.shape[0]
+        picks = torch.linspace(0, n - 1, min(n, CONTRASTIVE_TOKENS), device=flat_x.device).long()
+        x = flat_x.index_select(0, picks)
+        views = []
+        for name in STEPS:
+            lora_a = self.lora_A[name]
+            view = lora_a(self._cast_input_dtype(x, lora_a.weight.dtype)).float()
+            views.append(F.normalize(view, dim=-1))
+        views = torch.cat(views)
+        labels = torch.arange(len(STEPS), device=x.device).repeat_interleave(len(picks))
+        sim = views @ views.T / CONTRASTIVE_TEMPERATURE
+        self_mask = torch.eye(len(views), dtype=torch.bool, device=x.device)
+        sim = sim.masked_fill(self_mask, -torch.inf)
+        positive = (labels[:, None] == labels[None, :]) & ~self_mask
+        log_prob = sim - sim.logsumexp(-1, keepdim=True)
+        return -(log_prob.masked_fill(~positive, 0).sum(-1) / positive.sum(-1).clamp(min=1)).mean()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise RuntimeError("MoTE layers cannot be merged in place; use export_merged_step")

@@ -146,6 +146,7 @@ def build_mote(
             model,
             adapter_name=TOKENS_ADAPTER,
         )
+    gated = config.routing == "gate"
     router = Router(
         alpha=config.alpha,
         shared=config.shared_expert,
@@ -153,6 +154,8 @@ def build_mote(
         if config.question_expert == SHARED
         else STEPS.index(config.question_expert),
         seed=config.seed,
+        gate_top_k=config.top_k if gated else None,
+        contrastive=gated and config.contrastive_weight > 0,
     )
     layers = [m for m in model.modules() if isinstance(m, MoteLinear)]
     if not layers:
@@ -160,6 +163,10 @@ def build_mote(
     for layer in layers:
         layer.router = router
         layer.set_adapter(experts)  # all experts active: trainable, none merged
+        if gated:  # a token-level gate over the step experts (its name makes it an adapter)
+            gate = nn.Linear(layer.in_features, len(STEPS), bias=False)
+            nn.init.normal_(gate.weight, std=0.02)
+            layer.lora_gate = gate.to(layer.lora_A[STEPS[0]].weight.device)
     for name, param in model.named_parameters():
         param.requires_grad = "lora_" in name or "trainable_tokens_delta" in name
     _adapters_to_float32(model)
@@ -178,8 +185,11 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     """
     state: MoteState = module.mote_state
     router = state.router
+    router.aux_losses = {}  # (an activation-checkpointing recomputation leaves some behind)
     step_ids = kwargs.pop("step_ids", None)
     question_expert = kwargs.pop("question_expert", None)
+    if router.gate_top_k is not None:  # the gate routes; step ids are not needed
+        return args, kwargs
     if step_ids is None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -196,6 +206,8 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
                 )
             initial = last.expand(len(input_ids)) if len(last) == 1 else last
         step_ids = step_ids_from_input_ids(input_ids, state.tokens, initial)
+        if router.force_step is not None and isinstance(initial, int):  # a fresh prefill
+            step_ids = torch.full_like(step_ids, router.force_step)
     router.last_step = step_ids[:, -1]
     router.route(router.assign(step_ids, training=module.training, question_expert=question_expert))
     return args, kwargs

@@ -5,10 +5,15 @@ Methods (``MoteTrainConfig.method``):
   probability ``step_skip_prob``;
 - ``mote_no_shared``: the same without the shared expert (step expert at weight 1);
 - ``mote_no_skip``: the same with step skipping off;
+- ``mote_no_both``: neither the shared expert nor step skipping (Table 4's "-both");
+- ``vanilla_moe``: the same step experts (no shared one), mixed per token by a learned
+  top-k linear gate with a load-balancing loss instead of by the chain's steps;
+- ``mixlora``: that gate plus an expert-contrastive loss (``layer.MoteLinear._gated``);
 - ``lora``: one plain peft LoRA adapter on the same layers and packed chains, no skipping;
 - ``expanded``: the naive multi-LoRA training MoTE is compared with: the MoTE
   architecture, but every step and every skip pattern is a separate example routed
-  to that step's expert (see ``data.Encoder.expanded``).
+  to that step's expert (see ``data.Encoder.expanded``); it decodes the same way, the
+  context recomputed by each step's expert (``MoteConfig.recompute_at_switch``).
 
 Memory at 7-8B: activation checkpointing and a small per-device batch by default, and
 ``quantize_base: true`` trains the experts over a 4-bit NF4 base (CUDA only); the saved
@@ -42,7 +47,7 @@ from transformers import (
 )
 
 from selfalign.errors import InputError
-from selfalign.mote.config import METRICS_FILE, MoteTrainConfig
+from selfalign.mote.config import GATED, METRICS_FILE, MoteTrainConfig
 from selfalign.mote.data import Chain, Encoder, StepCollator
 from selfalign.mote.model import (
     ADAPTER_FILE,
@@ -64,7 +69,26 @@ class MoteTrainResult:
 
 
 class _MoteTrainer(Trainer):
-    """Checkpoints hold the adapter only (the base never changes)."""
+    """Checkpoints hold the adapter only (the base never changes). The gated methods add
+    their weighted auxiliary losses (the layers' mean) to the language-model loss."""
+
+    last_aux: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        state = mote_state(self.model)  # (``model`` may be wrapped for DDP)
+        if state.router is None or state.router.gate_top_k is None:
+            return out
+        loss = out[0] if return_outputs else out
+        weights = {"balance": state.config.balance_weight,
+                   "contrastive": state.config.contrastive_weight}  # fmt: skip
+        aux = state.router.take_aux()
+        self.last_aux = {k: float(v.detach()) for k, v in aux.items()}
+        extra = sum(weights[k] * v for k, v in aux.items())
+        if self.model_accepts_loss_kwargs and kwargs.get("num_items_in_batch") is not None:
+            extra = extra / self.current_gradient_accumulation_steps  # as the LM loss was
+        loss = loss + extra
+        return (loss, *out[1:]) if return_outputs else loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if mote_state(self.model).method == "lora":
@@ -259,7 +283,7 @@ def train_mote(
         tokenizer.pad_token_id,
         skip_prob=config.skip_prob,
         seed=config.seed,
-        with_step_ids=config.method != "lora",
+        with_step_ids=config.method not in ("lora", *GATED),
         mask_dtype=dtype,
     )
     checkpoints = out / "checkpoints"
@@ -324,6 +348,7 @@ def train_mote(
         "gradient_accumulation_steps": accumulation,
         "quantized_base": config.quantize_base,
         "train_loss": output.training_loss,
+        **{f"last_{k}_loss": v for k, v in trainer.last_aux.items()},
         **{k: v for k, v in output.metrics.items() if isinstance(v, int | float)},
     }
     if main:

@@ -22,6 +22,7 @@ A stage may also say, before it runs, how much work it will be (``Stage.estimate
 
 from __future__ import annotations
 
+import math
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -83,9 +84,11 @@ class Artifact:
 @dataclass(frozen=True)
 class Estimate:
     """Rough upper bounds on a stage's work, from its settings' sizes: requests and tokens
-    it may send to its backend, examples it may train on, and ``outputs``, the records it
-    may pass downstream (what a later stage's estimate reads). ``note``: what the bounds
-    rest on, when a reader should know (a loop's cap, say)."""
+    it may send to its backend, examples it may train on and the tokens that training
+    runs through the model (``train_tokens``: every epoch, each sequence at its
+    ``max_length``), and ``outputs``, the records it may pass downstream (what a later
+    stage's estimate reads). ``note``: what the bounds rest on, when a reader should know
+    (a loop's cap, say)."""
 
     requests: int = 0
     prompt_tokens: int = 0
@@ -93,6 +96,7 @@ class Estimate:
     train_examples: int | None = None
     outputs: int = 0
     note: str | None = None
+    train_tokens: int = 0
 
     def __add__(self, other: Estimate) -> Estimate:
         trains = [n for n in (self.train_examples, other.train_examples) if n is not None]
@@ -104,7 +108,26 @@ class Estimate:
             sum(trains) if trains else None,
             self.outputs + other.outputs,
             "; ".join(notes) or None,
+            self.train_tokens + other.train_tokens,
         )
+
+
+def train_token_bound(
+    examples: int,
+    *,
+    epochs: float,
+    max_steps: int | None,
+    batch: int | None,
+    max_length: int,
+    sequences: int = 1,
+) -> int:
+    """Tokens a training run may push through the model: examples x epochs (or, with
+    ``max_steps``, steps x global batch) x ``sequences`` per example x ``max_length``."""
+    if max_steps is not None and max_steps > 0 and batch:
+        runs = max_steps * batch
+    else:
+        runs = math.ceil(examples * epochs)
+    return runs * sequences * max_length
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from selfalign.stages.api import Artifact, Estimate, EstimateContext, Stage, Sta
 from selfalign.stages.engrave import training_pairs
 from selfalign.stages.training import (
     LaunchConfig,
+    sft_train_tokens,
     train_log,
     train_model,
     trained_system_text,
@@ -95,7 +96,9 @@ def run_dpo(ctx: StageContext) -> Iterator[Artifact]:
 def estimate(cfg: DPOStageConfig, ectx: EstimateContext) -> Estimate:
     """No generation: it trains on the kept pairs (``max_pairs`` at most)."""
     n = ectx.inputs("preferences")
-    return Estimate(train_examples=min(n, cfg.max_pairs or n))
+    n = min(n, cfg.max_pairs or n)  # chosen and rejected: two sequences a pair
+    return Estimate(train_examples=n, train_tokens=sft_train_tokens(n, cfg.train, sequences=2),
+                    note="DPO also runs the reference model forward on both")  # fmt: skip
 
 
 STAGE = Stage(

@@ -21,6 +21,7 @@ from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
+    sft_train_tokens,
     train_model,
     training_summary,
 )
@@ -80,7 +81,8 @@ def run_engrave(ctx: StageContext) -> Iterator[Artifact]:
 def estimate(cfg: EngraveConfig, ectx: EstimateContext) -> Estimate:
     """No generation: it trains on stage 2's kept pairs (``max_examples`` at most)."""
     n = ectx.inputs("aligned")
-    return Estimate(train_examples=min(n, cfg.max_examples or n))
+    n = min(n, cfg.max_examples or n)
+    return Estimate(train_examples=n, train_tokens=sft_train_tokens(n, cfg.train))
 
 
 STAGE = Stage(

@@ -3,7 +3,7 @@ questions with step-wise decoding.
 
 Training: ``selfalign.mote.train_mote`` on the kept chains into ``mote/model`` (a model
 directory ``load_mote`` reads; ``train.method`` picks MoTE or a baseline: mote,
-mote_no_shared, mote_no_skip, lora, expanded). It resumes from its checkpoints when
+mote_no_shared, mote_no_skip, mote_no_both, lora, expanded, vanilla_moe, mixlora). It resumes from its checkpoints when
 ``train.save_strategy`` writes them; once built, the runner records the model and a
 resumed stage goes straight to the answers. ``launch: {num_processes, accelerate_config}``
 trains under ``accelerate launch`` (``python -m selfalign.mote.train_entry``) as DDP, as the
@@ -39,6 +39,7 @@ from selfalign.stages.api import (
     MapWork,
     Stage,
     StageContext,
+    train_token_bound,
 )
 from selfalign.stages.chains import load_queries
 from selfalign.stages.training import LaunchConfig, base_model_dir
@@ -187,7 +188,11 @@ def estimate(cfg: MoteStageConfig, ectx: EstimateContext) -> Estimate:
     """Trains on the kept chains (``max_chains`` at most); then answers its questions in
     process (not through a backend), up to ``answer.max_new_tokens`` each."""
     chains = ectx.inputs("chains")
-    train = Estimate(train_examples=min(chains, cfg.max_chains or chains))
+    n = min(chains, cfg.max_chains or chains)
+    t = cfg.train
+    tokens = train_token_bound(n, epochs=t.epochs, max_steps=t.max_steps, batch=t.batch_size,
+                               max_length=t.max_length)  # fmt: skip
+    train = Estimate(train_examples=n, train_tokens=tokens)
     settings: AnswerSettings = cfg.answer
     if not settings.enabled:
         return train

@@ -18,6 +18,7 @@ from pydantic import Field
 from selfalign.backends.config import BackendConfig
 from selfalign.backends.spec import parse_spec
 from selfalign.errors import InputError
+from selfalign.stages.api import train_token_bound
 from selfalign.store import atomic_write_text, dumps_record
 from selfalign.train.config import DPOSettings, TrainConfig
 from selfalign.train.export import MERGED_SUBDIR, TRAIN_LOG
@@ -39,6 +40,16 @@ class LaunchConfig(StrictModel):
     accelerate_config: ConfigPath | None = Field(
         None, description="e.g. configs/accelerate/fsdp.yaml (relative to the run config)"
     )
+
+
+def sft_train_tokens(examples: int, train: TrainConfig, sequences: int = 1) -> int:
+    """``train_token_bound`` for a ``TrainConfig`` (one process: ``launch`` does not change
+    the global batch)."""
+    batch = (
+        train.global_batch_size or train.per_device_batch_size * train.gradient_accumulation_steps
+    )
+    return train_token_bound(examples, epochs=train.epochs, max_steps=train.max_steps,
+                             batch=batch, max_length=train.max_length, sequences=sequences)  # fmt: skip
 
 
 def base_model_dir(spec: str) -> Path:

@@ -38,6 +38,7 @@ from selfalign.stages.training import (
     PLAIN_SYSTEM_TEXT,
     LaunchConfig,
     base_model_dir,
+    sft_train_tokens,
     stage_model_backend,
     train_log,
     train_model,
@@ -355,7 +356,8 @@ def estimate(cfg: VerboseConfig, ectx: EstimateContext) -> Estimate:
     n = min(n, cfg.max_prompts or n)
     turn = user_turn("") + TURN_SEP + ASSISTANT_TAG + "\n"
     per = ectx.count_tokens(teacher_prefix(cfg) + turn) + ectx.typical_prompt_tokens
-    return Estimate(n, n * per, n * cfg.max_new_tokens, train_examples=n, outputs=n)
+    return Estimate(n, n * per, n * cfg.max_new_tokens, train_examples=n, outputs=n,
+                    train_tokens=sft_train_tokens(n, cfg.train))  # fmt: skip
 
 
 STAGE = Stage(
