@@ -22,7 +22,8 @@ work. Per batch size, interleaved ``--repeats`` times, median counts:
   generate   - ``model.generate`` on the joined prompts (prefix + query), left-padded, greedy;
   greedy     - our backend, prefix cached (as for every batch of a stage but the first);
   sampled    - the same, temperature 0.5 and top-p 0.9 with per-row seeds (stage 2's);
-  floor      - our backend on the queries alone, no prefix at all, greedy.
+  floor      - our backend on the queries alone, no prefix at all, greedy
+(``--engines`` picks some of them).
 Reports how many rows greedy and generate write identically (float32 sums in another
 order, with the prefix cached and other padding, can flip a near-tie on a real model).
 
@@ -46,11 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import GenerationConfig
 
 from selfalign.backends import BackendConfig, GenerationRequest, SamplingParams
 from selfalign.backends.hf import HFBackend
-from selfalign.backends.sampling import sole_generation_config
 from selfalign.chunking import pending_chunks
 from selfalign.config import RunConfig
 from selfalign.progress import ProgressReporter
@@ -58,6 +57,9 @@ from selfalign.stages.aligned import AlignedConfig, build, run_aligned
 from selfalign.stages.api import Stage, StageContext
 from selfalign.store import JsonlWriter, read_records, record_id
 from selfalign.tiny import PACKAGE_DIR, make_tiny_model
+
+sys.path.insert(0, str(Path(__file__).parent))
+from prefix_reuse import plain_generate  # noqa: E402
 
 TESTS_DIR = Path(__file__).resolve().parents[1] / "tests"  # holds the test server package
 
@@ -205,33 +207,11 @@ def stage_shaped_requests(backend: HFBackend, n: int, new_tokens: int) -> dict[s
     }
 
 
-def plain_generate(backend: HFBackend, prefix: str, queries: list[str], new_tokens: int):
-    """``model.generate`` on prefix + query per row, one left-padded batch, greedy:
-    (texts, completion tokens)."""
-    rows = [backend.head_ids + backend.encode(prefix + q) for q in queries]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), backend.pad_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    config = GenerationConfig(
-        max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(backend.eos_ids),
-        pad_token_id=backend.pad_id,
-    )  # fmt: skip
-    with torch.no_grad(), sole_generation_config(config, backend.model):
-        out = backend.model.generate(ids, attention_mask=mask, generation_config=config)
-    texts, tokens = [], 0
-    for row in out[:, width:].tolist():
-        ends = [k for k, t in enumerate(row) if t in backend.eos_ids]
-        row = row[: ends[0]] if ends else row
-        tokens += len(row)
-        texts.append(backend.tokenizer.decode(row, skip_special_tokens=True))
-    return texts, tokens
-
-
-def vs_generate(model: Path, batches: list[int], args: argparse.Namespace) -> dict:
-    """Tokens/s of generate, greedy, sampled and floor per batch size (see the docstring)."""
+def vs_generate(
+    model: Path, batches: list[int], engines: list[str], args: argparse.Namespace
+) -> dict:
+    """Tokens/s of ``engines`` (generate, greedy, sampled, floor) per batch size, and
+    their ratios where both sides ran (see the docstring)."""
     backend = HFBackend(model, dtype=args.dtype)
     out: dict[str, Any] = {"model": str(model), "dtype": args.dtype,
                            "cpu_threads": torch.get_num_threads(),
@@ -240,14 +220,14 @@ def vs_generate(model: Path, batches: list[int], args: argparse.Namespace) -> di
         backend.batch_size = n
         reqs = stage_shaped_requests(backend, n, args.max_new_tokens)
         backend.generate(reqs["greedy"][:1])  # the prefix's cache: prefilled once per stage
-        runs: dict[str, list[tuple[float, int]]] = {k: [] for k in ENGINES}
+        runs: dict[str, list[tuple[float, int]]] = {k: [] for k in engines}
         texts: dict[str, list[str]] = {}
         for _ in range(args.repeats):  # interleaved: load from elsewhere hits all alike
-            for engine in ENGINES:
+            for engine in engines:
                 t0 = time.perf_counter()
                 if engine == "generate":
                     texts[engine], tokens = plain_generate(
-                        backend, reqs["prefix"][0], reqs["queries"], args.max_new_tokens
+                        backend, reqs["prefix"][0], args.max_new_tokens, reqs["queries"]
                     )
                 else:
                     results = backend.generate(reqs[engine])
@@ -255,33 +235,37 @@ def vs_generate(model: Path, batches: list[int], args: argparse.Namespace) -> di
                     tokens = sum(r.completion_tokens for r in results)
                 runs[engine].append((time.perf_counter() - t0, tokens))
                 print(f"batch {n} {engine}: {runs[engine][-1][0]:.1f} s", file=sys.stderr)
-        same = [a == b for a, b in zip(texts["greedy"], texts["generate"], strict=True)]
         rates = {}
         for engine, timings in runs.items():
             seconds = statistics.median(t for t, _ in timings)
             rates[engine] = {"seconds": round(seconds, 2), "tokens": timings[0][1],
                              "tokens_per_s": round(timings[0][1] / seconds, 2),
                              "all_seconds": [round(t, 2) for t, _ in timings]}  # fmt: skip
-        tps = {e: rates[e]["tokens_per_s"] for e in ENGINES}
-        out[f"batch_{n}"] = {
-            "prefix_tokens": len(backend.encode(reqs["prefix"][0])),
-            **rates,
-            "greedy_vs_generate": round(tps["greedy"] / tps["generate"], 2),
-            "floor_over_greedy": round(tps["floor"] / tps["greedy"], 3),
-            "greedy_over_sampled": round(tps["greedy"] / tps["sampled"], 3),
+        tps = {e: rates[e]["tokens_per_s"] for e in engines}
+        result = {"prefix_tokens": len(backend.encode(reqs["prefix"][0])), **rates}
+        for name, (a, b) in RATIOS.items():
+            if a in tps and b in tps:
+                result[name] = round(tps[a] / tps[b], 3)
+        if "greedy" in texts and "generate" in texts:
+            same = [a == b for a, b in zip(texts["greedy"], texts["generate"], strict=True)]
             # fp32 sums in another order (prefix cache, padding) can flip a near-tie
-            "greedy_rows_equal_to_generate": f"{sum(same)}/{len(same)}",
-            "common_prefix_chars_where_not": [
+            result["greedy_rows_equal_to_generate"] = f"{sum(same)}/{len(same)}"
+            result["common_prefix_chars_where_not"] = [
                 len(os.path.commonprefix([a, b]))
                 for a, b, ok in zip(texts["greedy"], texts["generate"], same, strict=True)
                 if not ok
-            ],
-        }
+            ]
+        out[f"batch_{n}"] = result
         print(json.dumps({f"batch_{n}": out[f"batch_{n}"]}), file=sys.stderr)
     return out
 
 
 ENGINES = ("generate", "greedy", "sampled", "floor")
+RATIOS = {  # name: (numerator, denominator) of tokens/s
+    "greedy_vs_generate": ("greedy", "generate"),
+    "floor_over_greedy": ("floor", "greedy"),
+    "greedy_over_sampled": ("greedy", "sampled"),
+}
 
 
 def main() -> None:
@@ -305,6 +289,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="runs per backend; the best counts")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--vs-generate", help="batch sizes, e.g. 16,64: hf backend vs generate")
+    ap.add_argument("--engines", default=",".join(ENGINES), help="with --vs-generate")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.threads:
@@ -313,7 +298,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             model = args.model or make_tiny_model(Path(tmp) / args.size, seed=0, **SIZES[args.size])
             batches = [int(b) for b in args.vs_generate.split(",")]
-            report = {"uptime_load": os.getloadavg(), **vs_generate(model, batches, args)}
+            engines = [e for e in ENGINES if e in args.engines.split(",")]
+            result = vs_generate(model, batches, engines, args)
+            report = {**result, "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
         text = json.dumps(report, indent=2)
         print(text)
         if args.out:

@@ -11,10 +11,12 @@ both give the same per-choice log-likelihoods and the same MC1 and MC2.
 lm-eval on a 262k-vocabulary model computes a vocabulary-sized logit row for every
 token: all 817 questions take hours on a small CPU. ``--baseline-limit N`` runs it (and
 ours beside it, for the ratio) on the first N questions; ours alone also runs on
-``--limit`` (default: all). Median of ``--repeats`` for each timing, interleaved.
+``--limit`` (default: all). Each timing is the median of its repeats (``--repeats``
+for ours on the compared questions, ``--baseline-repeats`` for lm-eval,
+``--full-repeats`` for ours on all of them).
 
     python benchmarks/eval_speed.py [--model DIR] [--limit 817] [--baseline-limit 50]
-        [--repeats 3] [--baseline-repeats 1] [--batch-size 16] [--out FILE]
+        [--repeats 3] [--baseline-repeats 1] [--full-repeats 1] [--batch-size 16] [--out FILE]
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--baseline-limit", type=int, default=50, help="questions lm-eval runs")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--baseline-repeats", type=int, default=1)
+    ap.add_argument("--full-repeats", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--device", default="cpu")
@@ -140,7 +143,7 @@ def main() -> None:
         full = None
         if n_all > n_sub:
             print(f"ours, {n_all} questions:", file=sys.stderr)
-            full = median_run(lambda: ours(backend, every[:n_all]), args.repeats)
+            full = median_run(lambda: ours(backend, every[:n_all]), args.full_repeats)
 
     diff = max_ll_diff(sub, theirs)
     assert diff < 1e-3, f"log-likelihoods differ from lm-eval's by up to {diff}"

@@ -6,7 +6,8 @@ gets 64 new greedy tokens. Timed in the same run:
   reuse   - our backend, prefix prefilled once (first call: prefill included;
             steady state: prefix already cached, as for every later batch of a stage);
   floor   - our backend on the queries alone, no prefix at all.
-Asserts the reuse output equals plain generate's text exactly.
+Reports how many rows equal plain generate's text (float32 sums in another order can flip a
+near-tie on a real model; on the tiny model they all do, see tests/test_backend_hf.py).
 
 ``--baseline FILE`` also times another version of the backend module on the same model
 (e.g. ``git show REV:src/selfalign/backends/hf.py > /tmp/old_hf.py``), prefix cached,
@@ -28,9 +29,11 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 
 from selfalign.backends import GenerationRequest, SamplingParams
 from selfalign.backends.hf import HFBackend, load_model_and_tokenizer
+from selfalign.backends.sampling import sole_generation_config
 from selfalign.tiny import make_tiny_model, shipped_text_files
 
 QUERIES = [
@@ -55,7 +58,10 @@ def build_prefix(backend: HFBackend, n_tokens: int) -> str:
 
 def plain_generate(
     backend: HFBackend, prefix: str, new_tokens: int, queries: list[str] = QUERIES
-) -> list[str]:
+) -> tuple[list[str], int]:
+    """``model.generate`` on prefix + query per row, one left-padded batch, greedy, with
+    the backend's end-of-sequence ids and no other generation setting of the model's:
+    (texts cut at the first end id, completion tokens)."""
     rows = [backend.head_ids + backend.encode(prefix + q) for q in queries]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), backend.pad_id)
@@ -63,15 +69,22 @@ def plain_generate(
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r)
         mask[i, width - len(r) :] = 1
-    with torch.no_grad():
+    config = GenerationConfig(
+        max_new_tokens=new_tokens, do_sample=False, eos_token_id=sorted(backend.eos_ids),
+        pad_token_id=backend.pad_id,
+    )  # fmt: skip
+    with torch.no_grad(), sole_generation_config(config, backend.model):
         out = backend.model.generate(
             ids.to(backend.device), attention_mask=mask.to(backend.device),
-            max_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=backend.pad_id,
+            generation_config=config,
         )  # fmt: skip
-    return [
-        backend.tokenizer.decode(o[width:], skip_special_tokens=True).split("</s>")[0] for o in out
-    ]
+    texts, tokens = [], 0
+    for row in out[:, width:].tolist():
+        ends = [k for k, t in enumerate(row) if t in backend.eos_ids]
+        row = row[: ends[0]] if ends else row
+        tokens += len(row)
+        texts.append(backend.tokenizer.decode(row, skip_special_tokens=True))
+    return texts, tokens
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -141,7 +154,7 @@ def main() -> None:
             backend._prefix_caches.clear()
             return [r.text for r in backend.generate(with_prefix)]
 
-        t_plain, plain_text = timed(
+        t_plain, (plain_text, _) = timed(
             lambda: plain_generate(backend, prefix, args.new_tokens), args.repeats
         )
         t_cold, cold_text = timed(reuse_cold, args.repeats)
@@ -151,7 +164,8 @@ def main() -> None:
         t_floor, _ = timed(lambda: backend.generate(no_prefix), args.repeats)
         baseline = args.baseline and load_baseline(args.baseline, model_dir, backend)
 
-    assert cold_text == plain_text == warm_text, "prefix reuse changed the greedy output"
+    assert cold_text == warm_text, "a cached prefix changed the greedy output"
+    same = sum(a == b for a, b in zip(cold_text, plain_text, strict=True))
     n_prefix = len(backend.encode(prefix))
     print(
         f"{len(QUERIES)} queries, {n_prefix}-token shared prefix, {args.new_tokens} new tokens, greedy"
@@ -164,7 +178,9 @@ def main() -> None:
         f"  reuse (prefix cached)     {t_warm:7.3f} s   {t_plain / t_warm:5.2f}x faster than plain"
     )
     print(f"  floor (no prefix at all)  {t_floor:7.3f} s   reuse/floor = {t_cold / t_floor:4.2f}x")
-    print("outputs identical: yes")
+    # fp32 sums in another order can flip a near-tie on a real model; the tiny model's
+    # outputs are equal (tests/test_backend_hf.py)
+    print(f"rows identical to plain generate: {same}/{len(cold_text)}")
     if baseline:
         print(f"against {args.baseline} (prefix cached):")
         compare_baseline(backend, baseline, prefix, args.new_tokens, args.repeats)

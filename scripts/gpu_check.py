@@ -206,7 +206,7 @@ def part_generate(args, device: torch.device, dtype: torch.dtype, soft_end: floa
     plain_generate(backend, prefix, 2, queries)
     ours(2, cold=True)
     reset_peak(device)
-    t_plain, plain_text = timed(lambda: plain_generate(backend, prefix, n, queries),
+    t_plain, (plain_text, _) = timed(lambda: plain_generate(backend, prefix, n, queries),
                                 args.gen_repeats, device, soft_end)  # fmt: skip
     peak_plain = peak_gib(device)
     reset_peak(device)

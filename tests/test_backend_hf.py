@@ -364,3 +364,40 @@ def test_rows_ending_at_eos_leave_the_others_as_alone(backend: HFBackend) -> Non
     assert batched == [results(backend, [r])[0] for r in reqs]
     lengths = {n for _, reason, n in batched if reason == "stop"}
     assert len(lengths) > 1 and any(reason == "length" for _, reason, _ in batched)
+
+
+@pytest.fixture(scope="module")
+def sliding_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Gemma 3 (three sliding-window layers of window 32, then a global one) with
+    the tiny tokenizer, random weights: the layer pattern of the demo's real model."""
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=32,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"], initializer_range=0.2,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("gemma3") / "model"
+    Gemma3ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("prefix_tokens", [48, 200])
+def test_sliding_window_model_with_prefix_reuse_equals_plain_generate(
+    sliding_model: Path, prefix_tokens: int
+) -> None:
+    """Behind a prefix longer than the window (32), the cached prefix is copied into the
+    decoding cache's sliding-window layers (which keep its last window and roll it as
+    tokens come) and full layers alike: the text equals plain ``generate``'s."""
+    backend = HFBackend(sliding_model, batch_size=4)
+    prefix = backend.tokenizer.decode(backend.encode(PREFIX * 4)[:prefix_tokens])
+    params = SamplingParams(max_new_tokens=20)
+    reqs = [GenerationRequest(prompt=p, prefix=prefix, params=params) for p in PROMPTS[:4]]
+    ours = [r.text for r in backend.generate(reqs)]
+    assert ours == [naive_generate(backend, r) for r in reqs]
+    assert len(set(ours)) > 1
