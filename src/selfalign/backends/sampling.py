@@ -122,14 +122,11 @@ def draw(probs: torch.Tensor, top_p: float, generators: Sequence[torch.Generator
         weights, ids = probs.double(), None
     else:
         weights, ids = nucleus(probs, top_p)
-    cdf = weights.cumsum(-1).cpu()
+    cdf = weights.cumsum(-1)  # stays on the device: only the row's uniform number moves
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
-    pick = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp(
-        max=cdf.shape[1] - 1
-    )
-    if ids is None:
-        return pick.flatten()
-    return ids.gather(1, pick.to(ids.device)).flatten()
+    u = u.to(cdf.device).unsqueeze(1) * cdf[:, -1:]
+    pick = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)
+    return pick.flatten() if ids is None else ids.gather(1, pick).flatten()
 
 
 def logits_processors(
