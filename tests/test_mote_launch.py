@@ -5,9 +5,6 @@ processes on the tiny model)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +21,7 @@ from selfalign.mote.train_entry import check_launch, main, sharded_launch
 from selfalign.stages.training import LaunchConfig
 from selfalign.tiny import PACKAGE_DIR
 from test_mote import CHAINS
+from test_train_sft import launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = REPO / "configs" / "accelerate"
@@ -177,16 +175,10 @@ def test_two_process_accelerate_launch_trains_and_writes_a_mote_model(
         encoding="utf-8",
     )
     out = tmp_path / "model"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(ACCELERATE / "ddp.yaml"), "--num_processes", "2",
-        "-m", "selfalign.mote.train_entry",
-        "--chains", str(chains), "--base", str(tiny_model), "--out", str(out),
-        "--config", str(config),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two_processes(
+        "selfalign.mote.train_entry", "--chains", str(chains), "--base", str(tiny_model),
+        "--out", str(out), "--config", str(config),
+    )  # fmt: skip
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('{"model_dir"')]
     assert len(summaries) == 1  # the main process reports, once
     assert json.loads(summaries[0])["model_dir"] == str(out)

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +16,7 @@ from selfalign.errors import InputError
 from selfalign.train import TrainConfig, train_sft
 from selfalign.train.config import DPOSettings
 from selfalign.train.dpo import train_dpo
-from test_train_sft import EXAMPLES, FAST, SYSTEM, KillAtStep, Killed
+from test_train_sft import EXAMPLES, FAST, SYSTEM, KillAtStep, Killed, launch_two_processes
 
 REPO = Path(__file__).resolve().parents[1]
 # chosen: the SFT answers; rejected: what a base model without principles tends to write
@@ -137,16 +134,10 @@ def test_two_process_accelerate_launch_trains_dpo(engraved: Path, tmp_path: Path
                       "global_batch_size: 4\ngradient_checkpointing: false\n")  # fmt: skip
     dpo.write_text("beta: 0.2\n")
     out = tmp_path / "model"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
-        "--num_processes", "2", "-m", "selfalign.train",
-        "--examples", str(examples), "--base", str(engraved), "--out", str(out),
-        "--config", str(config), "--dpo", str(dpo), "--system", SYSTEM,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_two_processes(
+        "selfalign.train", "--examples", str(examples), "--base", str(engraved), "--out",
+        str(out), "--config", str(config), "--dpo", str(dpo), "--system", SYSTEM,
+    )  # fmt: skip
     log = json.loads((out / "train_log.json").read_text())
     assert log["objective"] == "dpo" and log["processes"] == 2 and log["global_step"] == 2
     assert log["dpo"]["beta"] == 0.2

@@ -319,6 +319,20 @@ def test_small_data_at_the_default_batch_warns_and_counts_truncation(
 # --- accelerate launch --------------------------------------------------------------
 
 
+def launch_two_processes(module: str, *args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``python -m module args`` as two CPU processes with the
+    shipped DDP config; it must exit 0."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
+        "--num_processes", "2", "-m", module, *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_two_process_accelerate_launch_trains_and_writes_the_model(
     tiny_model: Path, tmp_path: Path
 ):
@@ -331,17 +345,10 @@ def test_two_process_accelerate_launch_trains_and_writes_the_model(
         encoding="utf-8",
     )
     out = tmp_path / "model"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(REPO / "configs" / "accelerate" / "ddp.yaml"),
-        "--num_processes", "2",
-        "-m", "selfalign.train",
-        "--examples", str(examples), "--base", str(tiny_model), "--out", str(out),
-        "--config", str(config), "--system", SYSTEM,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = launch_two_processes(
+        "selfalign.train", "--examples", str(examples), "--base", str(tiny_model),
+        "--out", str(out), "--config", str(config), "--system", SYSTEM,
+    )  # fmt: skip
     summaries = [line for line in proc.stdout.splitlines() if line.startswith('{"model_dir"')]
     assert len(summaries) == 1  # the main process reports, once
     log = json.loads((out / "train_log.json").read_text())

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from selfalign.errors import InputError
+from selfalign.train.config import accumulation_for
 from selfalign.train.reporting import ReportTo
 from selfalign.validation import ConfigPath, StrictModel
 
@@ -124,14 +124,10 @@ class MoteTrainConfig(StrictModel):
 
     def accumulation_steps(self, world_size: int = 1) -> int:
         """Gradient accumulation so that an optimizer step sees ``batch_size`` examples."""
-        per_step = self.per_device(world_size) * world_size
-        if self.batch_size % per_step:
-            raise InputError(
-                f"batch_size {self.batch_size} is not a multiple of per_device_batch_size x "
-                f"processes ({self.per_device(world_size)} x {world_size})",
-                field="batch_size",
-            )
-        return self.batch_size // per_step
+        return accumulation_for(
+            self.batch_size, self.per_device(world_size), world_size,
+            field="batch_size", label=f"batch_size {self.batch_size}",
+        )  # fmt: skip
 
     def resolved_mote(self) -> MoteConfig:
         """The expert architecture after the method's overrides: no shared expert for

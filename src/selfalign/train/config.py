@@ -116,14 +116,26 @@ class TrainConfig(StrictModel):
         """Gradient accumulation for ``world_size`` processes."""
         if self.global_batch_size is None:
             return self.gradient_accumulation_steps
-        per_step = self.per_device_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise InputError(
-                f"{self.global_batch_size} is not a multiple of per_device_batch_size x processes "
-                f"({self.per_device_batch_size} x {world_size})",
-                field="global_batch_size",
-            )
-        return self.global_batch_size // per_step
+        return accumulation_for(
+            self.global_batch_size, self.per_device_batch_size, world_size,
+            field="global_batch_size", label=str(self.global_batch_size),
+        )  # fmt: skip
+
+
+def accumulation_for(
+    global_batch: int, per_device: int, world_size: int, *, field: str, label: str
+) -> int:
+    """Gradient accumulation steps so that an optimizer step sees ``global_batch``
+    examples over ``world_size`` processes of ``per_device`` each; a one-line InputError
+    on ``field`` (``label`` opens the message) when they do not divide it."""
+    per_step = per_device * world_size
+    if global_batch % per_step:
+        raise InputError(
+            f"{label} is not a multiple of per_device_batch_size x processes "
+            f"({per_device} x {world_size})",
+            field=field,
+        )
+    return global_batch // per_step
 
 
 def parse_train_config(data: object, *, file: str | Path | None = None) -> TrainConfig:
