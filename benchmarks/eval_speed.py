@@ -54,16 +54,21 @@ def ours(backend: HFBackend, questions: list[MCQuestion]) -> tuple[float, dict]:
     }
 
 
-def harness(model: Path, data: Path, limit: int, args: argparse.Namespace) -> tuple[float, dict]:
-    """lm-eval 's HFLM and evaluate on the first ``limit`` questions: (seconds of
-    ``evaluate``, the same fields as ``ours``). The model and tasks load before timing."""
-    from lm_eval.evaluator import evaluate
+def harness_model(model: Path, args: argparse.Namespace):
+    """lm-eval's own ``HFLM`` on the model directory, loaded once for every repeat."""
     from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(model), device=args.device, batch_size=args.batch_size,
+                dtype=args.dtype)  # fmt: skip
+
+
+def harness(lm, data: Path, limit: int) -> tuple[float, dict]:
+    """lm-eval's ``evaluate`` with ``lm`` on the first ``limit`` questions: (seconds of
+    ``evaluate``, the same fields as ``ours``). The tasks load before timing."""
+    from lm_eval.evaluator import evaluate
 
     from selfalign.eval.lm_eval_run import load_tasks, task_manager
 
-    lm = HFLM(pretrained=str(model), device=args.device, batch_size=args.batch_size,
-              dtype=args.dtype)  # fmt: skip
     tasks = load_tasks(task_manager(TASKS, [], data), TASKS)
     t0 = time.perf_counter()
     out = evaluate(lm=lm, task_dict=tasks, limit=limit, log_samples=True, bootstrap_iters=0)
@@ -135,8 +140,9 @@ def main() -> None:
         n_sub = min(args.baseline_limit, n_all)
         score_lm_eval(backend, every[-2:])  # warm-up (allocator, kernels), not timed
         print(f"lm-eval, {n_sub} questions:", file=sys.stderr)
+        lm = harness_model(model, args)
         theirs_s, theirs_times, theirs = median_run(
-            lambda: harness(model, args.data, n_sub, args), args.baseline_repeats
+            lambda: harness(lm, args.data, n_sub), args.baseline_repeats
         )
         print(f"ours, {n_sub} questions:", file=sys.stderr)
         sub_s, sub_times, sub = median_run(lambda: ours(backend, every[:n_sub]), args.repeats)
