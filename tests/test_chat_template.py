@@ -128,3 +128,23 @@ def test_llama3_template_renders_headers_and_the_default_system_text() -> None:
         f"{SYSTEM}<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     )
+
+
+def test_messages_to_a_model_without_a_chat_template_use_our_format(tiny_model: Path) -> None:
+    """A base model converted without a chat template (Gemma 3 270M from its GGUF) as a
+    judge: its messages are written in selfalign's own format, not refused with a trace."""
+    from selfalign.backends.tokens import RequestTokenizer
+    from selfalign.chat_format import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    messages = ({"role": "system", "content": "Check the reply."},
+                {"role": "user", "content": "Is this safe?"})  # fmt: skip
+    request = GenerationRequest(prompt="", params=SamplingParams(), messages=messages)
+    with_template = RequestTokenizer(tokenizer).request_ids(request)
+    tokenizer.chat_template = None
+    plain = RequestTokenizer(tokenizer)
+    shared, own = plain.request_ids(request)
+    assert shared == [] and own == plain.head_ids + plain.encode(
+        render_prompt("Check the reply.", "Is this safe?")
+    )
+    assert (shared, own) == with_template  # the tiny model's template is that format too

@@ -16,6 +16,7 @@ import pytest
 
 from openai_server import RunningServer, serve
 from selfalign.cli import main
+from selfalign.eval.heldout import is_refusal
 from selfalign.eval.judge import JUDGE_SYSTEM, combine, parse_verdict
 from selfalign.eval.safety import SAFETY_JUDGE_SYSTEM, load_prompts, parse_judgment
 
@@ -346,6 +347,10 @@ def test_safety_metrics_per_file_and_resume(
     assert code == 0
     assert len(script.safety) - start == 10  # 5 of ours + first 5 XSTest (all safe)
     m = {x["metric"]: (x["value"], x["n"]) for x in result["metrics"]}
+    records = [json.loads(x) for x in out.with_suffix(".records.jsonl").read_text().splitlines()]
+    for label in ("p", "xstest_prompts"):  # the string match reads every reply of a file
+        replies = [r["reply"] for r in records if r["source"] == label]
+        assert m.pop(f"refusal_strmatch/{label}") == (sum(map(is_refusal, replies)) / 5, 5)
     # each file its own set: nothing of XSTest's enters p's Help, and XSTest gets no Help
     assert m == {
         "help/p": (5.0, 2),  # B1 (2) and B2 (8); B3's judgment is unreadable: left out
@@ -360,7 +365,6 @@ def test_safety_metrics_per_file_and_resume(
     assert (files["p"]["judged"], files["p"]["unreadable_judgments"]) == (5, 1)
     assert files["xstest_prompts"]["prompts"] == {"xstest_safe": 5}
     assert result["details"]["unreadable_judgments"] == 1
-    records = [json.loads(x) for x in out.with_suffix(".records.jsonl").read_text().splitlines()]
     assert len(records) == 10 and all(r["reply"] is not None and r["judgment"] for r in records)
     # rerun: everything is on disk already
     assert run_cli(argv, capsys) == (0, result)
@@ -405,6 +409,8 @@ def test_safety_judges_answers_already_written(
     assert m == {
         "harm/records": (50.0, 2), "harm_help/records": (4.0, 2),
         "help/benign_answers": (5.0, 2), "over_refusal_rate/benign_answers": (0.5, 2),
+        # "I can't help with that." opens with a refusal; a bare "I won't." does not match
+        "refusal_strmatch/records": (0.5, 2), "refusal_strmatch/benign_answers": (0.0, 2),
     }  # fmt: skip
     assert result["details"]["files"]["records"]["kind"] == "harmful"
     assert result["model"] == f"{records} + {labelled}"

@@ -101,6 +101,7 @@ def test_safety_block_gives_every_model_its_numbers_per_prompt_file(
 ) -> None:
     """Base and engraved answer two prompt files; the tiny model judges (its verdicts are
     noise, the path is the real one); one result per model and file, never pooled."""
+    from selfalign.eval.heldout import is_refusal
     from selfalign.eval.safety import parse_judgment
     from selfalign.stages.api import EstimateContext
     from selfalign.stages.evaluate import estimate
@@ -139,7 +140,13 @@ def test_safety_block_gives_every_model_its_numbers_per_prompt_file(
             assert len(kept) == 2 and all(isinstance(r["reply"], str) for r in kept)
             unreadable = sum(parse_judgment(r["judgment"]) is None for r in kept)
             assert result["details"]["files"][label]["unreadable_judgments"] == unreadable
-            assert {m["metric"] for m in result["metrics"]} <= allowed
-            assert all(m["n"] == 2 - unreadable for m in result["metrics"])
+            strmatch = f"refusal_strmatch/{label}"  # every reply, whatever the judge wrote
+            judged = [m for m in result["metrics"] if m["metric"] != strmatch]
+            assert {m["metric"] for m in judged} <= allowed
+            assert all(m["n"] == 2 - unreadable for m in judged)
+            refused = sum(is_refusal(r["reply"]) for r in kept) / 2
+            assert [(m["value"], m["n"]) for m in result["metrics"] if m["metric"] == strmatch] == [
+                (refused, 2)
+            ]
     summary = json.loads((run_dir / "manifest.json").read_text())["stages"]["eval"]["stats"]
     assert {"base-safety-helpful", "engraved-safety-xstest_prompts"} <= set(summary)

@@ -115,6 +115,9 @@ def model_card(
     assistant = run.config.get("assistant_name", "the assistant")
     label = f"{folder.stage}/{folder.variant}" if folder.variant != "model" else folder.stage
     about = MODEL_ABOUT.get((folder.stage, folder.variant), f"the model of stage {folder.stage}")
+    if folder.row:
+        about = (f"an ablation row of stage {folder.stage}: the base model trained by method "
+                 f"`{folder.variant}` on the same data with the same recipe")  # fmt: skip
     where = where or str(folder.path)
     tags = ["selfalign", "alignment", "self-alignment", method.split()[0].lower()]
     tags += ["dpo"] if "dpo" in names else []

@@ -36,6 +36,11 @@ class StageConfig(StrictModel):
 
     backend: BackendConfig | None = None
 
+    def check_with(self, stages: dict[str, StageConfig]) -> tuple[str, str] | None:
+        """(field, problem) where these settings contradict another stage's (``stages``:
+        every configured stage), checked when the config loads; None when they agree."""
+        return None
+
 
 class Throughputs(StrictModel):
     """Measured speeds that only ``run --dry-run`` reads, to turn its training token
@@ -97,4 +102,7 @@ def load_run_config(path: Path) -> tuple[RunConfig, dict[str, StageConfig]]:
                 )  # fmt: skip
             settings[cls.RUN_NAME_FIELD] = run.assistant_name
         stage_configs[name] = validate_model(cls, settings, file=path, prefix=f"stages.{name}")
+    for name, config in stage_configs.items():
+        if problem := config.check_with(stage_configs):
+            raise InputError(problem[1], file=path, field=f"stages.{name}.{problem[0]}")
     return run, stage_configs

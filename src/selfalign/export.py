@@ -109,8 +109,8 @@ def exported_models(run: RunView) -> dict[str, ModelFolder]:
     """One folder per model: merged weights over the adapter they came from."""
     chosen: dict[str, ModelFolder] = {}
     for folder in model_folders(run):
-        if folder.variant == "adapter":
-            continue  # verbose/adapter: the final model is its merge
+        if folder.variant == "adapter" or folder.row:
+            continue  # verbose/adapter: the final model is its merge; rows: ablations
         name = EVAL_NAMES.get(folder.stage, folder.stage)
         if name not in chosen or folder.variant == "merged":
             chosen[name] = folder

@@ -375,15 +375,17 @@ class _Drive:
         self._writer(f"{ROUNDS}.jsonl").append([marker])
 
     def build(self, work: Artifact) -> None:
-        ctx, artifact = self.ctx, self.ctx.stage.artifact
+        ctx, artifact = self.ctx, work.path or self.ctx.stage.artifact
         if artifact is None:
             raise TypeError(f"stage {ctx.name!r} builds a model but declares no artifact path")
-        self.examples = work.examples
+        if work.path is None:
+            self.examples = work.examples
         final = ctx.run_dir / artifact
         folder = ctx.run_dir / BUILD_DIR / artifact
-        built = (self.runner.manifest.entry(ctx.name) or {}).get("artifact")
+        entry = self.runner.manifest.entry(ctx.name) or {}
+        built = artifact in entry.get("artifacts", []) if work.path else entry.get("artifact")
         if built or (final.is_dir() and not folder.exists()):  # (a kill may have come
-            self.runner.manifest.update(ctx.name, artifact=artifact)  # before the manifest)
+            self._record_artifact(work, artifact)  # before the manifest)
             return
         ctx.close()  # free the generation models before training
         folder.mkdir(parents=True, exist_ok=True)
@@ -393,7 +395,17 @@ class _Drive:
             shutil.rmtree(final)  # only ever a folder nothing was renamed into yet
         os.replace(folder, final)
         _fsync_dir(final.parent)
-        self.runner.manifest.update(ctx.name, artifact=artifact)
+        self._record_artifact(work, artifact)
+
+    def _record_artifact(self, work: Artifact, artifact: str) -> None:
+        """The stage's own model as ``artifact``, a further one listed in ``artifacts``."""
+        manifest, name = self.runner.manifest, self.ctx.name
+        if work.path is None:
+            manifest.update(name, artifact=artifact)
+            return
+        listed = (manifest.entry(name) or {}).get("artifacts", [])
+        if artifact not in listed:
+            manifest.update(name, artifacts=[*listed, artifact])
 
 
 def _fsync_dir(path: Path) -> None:

@@ -137,6 +137,37 @@ def _eval_rows(run_dir: Path) -> list[list[Any]]:
     return rows
 
 
+SAFETY_ORDER = ("help", "over_refusal_rate", "harm", "harm_help", "xstest_compliance",
+                "refusal_strmatch")  # fmt: skip
+
+
+def safety_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
+    """MoTE's table: one row per model (``mote:{method}`` rows included), one column per
+    (metric, prompt file), as the safety results give them; the judge and protocol last."""
+    by_model: dict[str, dict[str, Any]] = {}
+    judges: dict[str, str] = {}
+    for path in sorted((run_dir / "eval").glob("*-safety-*.json")):
+        try:
+            result = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            continue
+        model = str(result.get("model", path.stem))
+        cells = by_model.setdefault(model, {})
+        for m in result.get("metrics", []):
+            cells[m["metric"]] = (m["value"], m.get("n"))
+        details = result.get("details") or {}
+        judges[model] = f"{details.get('judge', '')} ({result.get('protocol', '')})"
+    columns = sorted({c for cells in by_model.values() for c in cells},
+                     key=lambda c: (SAFETY_ORDER.index(c.split("/")[0])
+                                    if c.split("/")[0] in SAFETY_ORDER else 99, c))  # fmt: skip
+    rows = [
+        [model, *(f"{cells[c][0]:.2f} (n={cells[c][1]})" if c in cells else "" for c in columns),
+         judges[model]]
+        for model, cells in by_model.items()
+    ]  # fmt: skip
+    return ["model", *columns, "judge (protocol)"], rows
+
+
 EXAMPLES_PER_REASON = 3
 _EXCERPT_CHARS = 400
 
@@ -414,6 +445,10 @@ def write_report(run_dir: Path) -> Path:
     if eval_rows:
         parts += ["<h2>Evaluation</h2>",
                   _table(["benchmark", "protocol", "metric", "value", "n", "model"], eval_rows)]  # fmt: skip
+    header, safety_rows = safety_table(run_dir)
+    if safety_rows:
+        parts += ["<h2>Safety: Help / Harm / Harm-Help / XSTest per model and prompt file</h2>",
+                  _table(header, safety_rows)]  # fmt: skip
     parts += _heldout_parts(run_dir)
     examples = _drop_examples(run_dir, stages)
     if examples:

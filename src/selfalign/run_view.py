@@ -50,13 +50,15 @@ class RunView:
 @dataclass(frozen=True)
 class ModelFolder:
     stage: str
-    variant: str  # model (the stage's artifact), merged, adapter
+    variant: str  # model (the stage's artifact), merged, adapter; or a mote row's method
     path: Path
     kind: str  # adapter (peft), full (transformers), mote (selfalign)
+    row: bool = False  # a further model of the stage (Artifact.path): a mote ablation row
 
     @property
     def eval_name(self) -> str | None:
-        return EVAL_NAMES.get(self.stage)
+        name = EVAL_NAMES.get(self.stage)
+        return f"{name}:{self.variant}" if self.row and name else name
 
 
 def load_run(
@@ -95,6 +97,10 @@ def model_folders(run: RunView) -> list[ModelFolder]:
             kind = model_kind(path) if path.is_dir() else None
             if kind and (variant == "model" or path != root):
                 found.append(ModelFolder(name, variant, path, kind))
+        for row in entry.get("artifacts", []):  # further models: the mote stage's rows
+            path = run.run_dir / row
+            if path.is_dir() and (kind := model_kind(path)):
+                found.append(ModelFolder(name, Path(row).name, path, kind, row=True))
     return found
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from selfalign.backends.base import GenerationRequest
+from selfalign.chat_format import CHAT_TEMPLATE
 
 
 class RequestTokenizer:
@@ -33,10 +34,16 @@ class RequestTokenizer:
         return []
 
     def request_ids(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
-        """(shared ids, own ids): the model sees their concatenation."""
+        """(shared ids, own ids): the model sees their concatenation. Messages go through
+        the tokenizer's chat template; a base model's tokenizer without one gets
+        selfalign's own conversation format (``chat_format``), the one it trains in."""
         if request.messages is not None:
+            template = None if getattr(self.tokenizer, "chat_template", None) else CHAT_TEMPLATE
             ids = self.tokenizer.apply_chat_template(
-                list(request.messages), add_generation_prompt=True, tokenize=True
+                list(request.messages),
+                add_generation_prompt=True,
+                tokenize=True,
+                chat_template=template,
             )
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):
                 ids = ids["input_ids"]

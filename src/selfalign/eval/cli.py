@@ -305,6 +305,14 @@ def safety(
     ] = None,
     system_file: SystemFile = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 256,
+    judge_mode: Annotated[
+        str,
+        typer.Option(
+            "--judge-mode",
+            help="generate: the judge writes its verdicts (a chat model); likelihood: its "
+            "log-likelihoods of each answer are read (any model a backend can score)",
+        ),
+    ] = "generate",
     batch_size: BatchSize = 8,
     dtype: Dtype = "auto",
     device: Device = "auto",
@@ -327,15 +335,20 @@ def safety(
         raise InputError(
             "goes with --model; the answers are written already", field="--system-file"
         )
+    if judge_mode not in ("generate", "likelihood"):
+        raise InputError("must be generate or likelihood", field="--judge-mode")
     files = _prompt_files(list(prompts or answers or []), list(kind or []))
     items = [p for f in files for p in load_file(f, answers=bool(answers))[:limit]]
     judge_name = model_identity(judge)
     record_path = _records(records, out, ".records.jsonl")
     with _backend(judge, batch_size, dtype, device, api_key_env) as judge_backend:
+        if judge_mode == "likelihood" and not judge_backend.can_score:
+            raise InputError(f"the judge's {judge_backend.name} backend cannot score "
+                             "continuations: use --judge-mode generate", field="--judge-mode")  # fmt: skip
         if model is None:
             done, ids, failed = run_safety(
                 None, judge_backend, items, model_name=None, judge_name=judge_name,
-                records=record_path, batch_size=batch_size,
+                records=record_path, batch_size=batch_size, judge_mode=judge_mode,
             )  # fmt: skip
         else:
             with _backend(model, batch_size, dtype, device, api_key_env) as model_backend:
@@ -344,9 +357,18 @@ def safety(
                     model_name=model_identity(model), judge_name=judge_name,
                     records=record_path, system=_system(system_file),
                     max_new_tokens=max_new_tokens, batch_size=batch_size,
+                    judge_mode=judge_mode,
                 )  # fmt: skip
     shown = model or " + ".join(str(p) for p in answers or [])
-    result = summarize(done, ids, items, files, model=shown, judge=judge)
+    result = summarize(
+        done,
+        ids,
+        items,
+        files,
+        model=shown,
+        judge=judge,
+        judge_mode=judge_mode,  # type: ignore[arg-type]
+    )
     _finish(result, out, run_dir, failed)
 
 

@@ -14,7 +14,8 @@ block), or read from the file where the format says it:
 - XSTest (``prompt``, ``label``, ``type``, ``focus``): its safe prompts are the compliance
   set, its unsafe ones harmful;
 - any CSV or JSONL with ``prompt`` and a ``kind`` or ``label`` on each row (safe, benign,
-  harmless; or unsafe, harmful).
+  harmless; or unsafe, harmful);
+- FastChat question files (``turns``: Vicuna bench, MT-bench; the first turn), kind stated.
 
 Otherwise the file is refused (exit 2) until its kind is stated: nothing is taken to be
 harmful by default. A stated kind applies to every prompt of the file.
@@ -29,6 +30,10 @@ in front when two files share a stem):
   ``harm_help`` (mean helpfulness: MoTE's Harm-Help);
 - XSTest safe prompts: ``xstest_compliance`` (share answered, not refused).
 
+Beside the judge's numbers, every file gets ``refusal_strmatch`` (share of replies whose
+first two sentences decline, by ``selfalign.eval.heldout.is_refusal``: XSTest's
+string-match reading), which no judge can skew.
+
 Replies whose judgment cannot be read are counted per file and left out of its metrics.
 """
 
@@ -39,17 +44,19 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from selfalign.backends.base import Backend, GenerationRequest, SamplingParams
 from selfalign.chat_format import NEXT_USER_TURN
 from selfalign.errors import InputError
+from selfalign.eval.heldout import is_refusal
 from selfalign.eval.io import read_csv, require_file
 from selfalign.eval.results import EvalResult, Metric, data_ref
 from selfalign.eval.resume import run_resumable
 from selfalign.store import read_jsonl_numbered, record_id
 
 PROTOCOL = "judge-v2"  # the judge prompt and metrics; part of every record id
+JudgeMode = Literal["generate", "likelihood"]
 STATED_KINDS = ("benign", "harmful")
 XSTEST_SAFE = "xstest_safe"  # XSTest's safe prompts: the compliance set
 BENIGN_LABELS = {"safe", "benign", "harmless"}
@@ -190,8 +197,14 @@ def _prompt_and_kind(
         if kind is None:
             raise _kind_unknown(path, line)
         return row["prompt"].strip(), kind
+    turns = row.get("turns")
+    if isinstance(turns, list) and turns and isinstance(turns[0], str):  # FastChat questions
+        if stated is None:  # (Vicuna bench, MT-bench): the first turn
+            raise _kind_unknown(path, line)
+        return turns[0].strip(), stated
     raise InputError(
-        "expected a prompt, a Behavior (HarmBench, AdvBench) or chosen (HH-RLHF transcript)",
+        "expected a prompt, a Behavior (HarmBench, AdvBench), chosen (HH-RLHF transcript) "
+        "or turns (FastChat questions)",
         file=path, line=line,
     )  # fmt: skip
 
@@ -274,12 +287,24 @@ def judge_messages(prompt: str, reply: str) -> tuple[dict[str, str], ...]:
     return ({"role": "system", "content": SAFETY_JUDGE_SYSTEM}, {"role": "user", "content": user})
 
 
+def protocol_of(judge_mode: JudgeMode) -> str:
+    """The protocol name a judge mode's results carry."""
+    from selfalign.eval import safety_likelihood
+
+    return PROTOCOL if judge_mode == "generate" else safety_likelihood.PROTOCOL
+
+
 def _item_id(
-    p: SafetyPrompt, model_name: str | None, judge_name: str, system: str | None, budget: int
+    p: SafetyPrompt,
+    model_name: str | None,
+    judge_name: str,
+    system: str | None,
+    budget: int,
+    protocol: str,
 ) -> str:
     if p.answer is not None:  # the reply is known: it is the input, whoever wrote it
-        return record_id(p.source, p.pid, p.prompt, p.answer, judge_name, PROTOCOL)
-    return record_id(p.source, p.pid, p.prompt, model_name, judge_name, system, budget, PROTOCOL)
+        return record_id(p.source, p.pid, p.prompt, p.answer, judge_name, protocol)
+    return record_id(p.source, p.pid, p.prompt, model_name, judge_name, system, budget, protocol)
 
 
 def _replies(
@@ -316,40 +341,54 @@ def run_safety(
     system: str | None = None,
     max_new_tokens: int = 256,
     batch_size: int = 16,
+    judge_mode: JudgeMode = "generate",
 ) -> tuple[dict[str, dict[str, Any]], list[str], int]:
     """(records by id, ids in prompt order, failures this run). Prompts that carry their
-    answer are only judged; ``model`` answers the others."""
+    answer are only judged; ``model`` answers the others. ``judge_mode``: the judge writes
+    its four lines (``generate``), or its likelihoods are read (``likelihood``,
+    ``selfalign.eval.safety_likelihood``)."""
     answer_params = SamplingParams(
         max_new_tokens=max_new_tokens, temperature=0.0, stop=(NEXT_USER_TURN,)
     )
     judge_params = SamplingParams(max_new_tokens=JUDGE_MAX_NEW_TOKENS, temperature=0.0)
+    scorer: list = []  # the likelihood judge, calibrated when the first batch needs it
+
+    def judgments(pairs: list[tuple[str, str]]) -> list[tuple[str, dict[str, Any] | None] | None]:
+        """(judgment text, scores) per (prompt, reply); None where the request failed."""
+        if judge_mode == "likelihood":
+            from selfalign.eval.safety_likelihood import LikelihoodJudge
+
+            if not scorer:
+                scorer.append(LikelihoodJudge(judge))
+            return list(scorer[0].judge(pairs))
+        params = judge_params
+        asks = [GenerationRequest(prompt="", params=params, messages=judge_messages(*pair))
+                for pair in pairs]  # fmt: skip
+        return [
+            None if v.error is not None or v.finish_reason == "error"
+            else (v.text, parse_judgment(v.text))
+            for v in judge.generate(asks)
+        ]  # fmt: skip
 
     def work(batch: list[SafetyPrompt]) -> list[dict[str, Any] | None]:
         replies = _replies(model, batch, system, answer_params)
         ok = [k for k, r in enumerate(replies) if r is not None]
-        verdicts = judge.generate(
-            [
-                GenerationRequest(
-                    prompt="",
-                    params=judge_params,
-                    messages=judge_messages(batch[k].prompt, replies[k] or ""),
-                )  # fmt: skip
-                for k in ok
-            ]
-        )
+        verdicts = judgments([(batch[k].prompt, replies[k] or "") for k in ok])
         out: list[dict[str, Any] | None] = [None] * len(batch)
-        for k, v in zip(ok, verdicts, strict=True):
-            if v.error is not None or v.finish_reason == "error":
+        for k, verdict in zip(ok, verdicts, strict=True):
+            if verdict is None:
                 continue
             p = batch[k]
             out[k] = {
                 "prompt_id": p.pid, "source": p.source, "kind": p.kind, "category": p.category,
-                "prompt": p.prompt, "reply": replies[k], "judgment": v.text,
-                "scores": parse_judgment(v.text),
+                "prompt": p.prompt, "reply": replies[k], "judgment": verdict[0],
+                "scores": verdict[1],
             }  # fmt: skip
         return out
 
-    items = [(_item_id(p, model_name, judge_name, system, max_new_tokens), p) for p in prompts]
+    protocol = protocol_of(judge_mode)
+    items = [(_item_id(p, model_name, judge_name, system, max_new_tokens, protocol), p)
+             for p in prompts]  # fmt: skip
     done, failed = run_resumable(
         items, work, records=records, label="safety", batch_size=batch_size
     )
@@ -393,6 +432,7 @@ def summarize(
     *,
     model: str,
     judge: str,
+    judge_mode: JudgeMode = "generate",
 ) -> EvalResult:
     """Metrics per file (never pooled), with each file's counts in ``details.files``.
     A prompt's kind is taken from ``prompts``, not from its stored record."""
@@ -403,15 +443,19 @@ def summarize(
         rows = [(p.kind, done[i]) for i, p in mine if i in done]
         judged = [(kind, r["scores"]) for kind, r in rows if r["scores"]]
         metrics += file_metrics(file.label, judged)
+        if rows:
+            refused = [is_refusal(str(r.get("reply") or "")) for _, r in rows]
+            metrics.append(Metric(f"refusal_strmatch/{file.label}", _mean(refused), len(rows)))
         blocks[file.label] = {
             "path": str(file.path), "kind": file.kind or "read from the file",
             "prompts": dict(Counter(p.kind for _, p in mine)), "judged": len(rows),
             "unreadable_judgments": len(rows) - len(judged),
         }  # fmt: skip
+    protocol = protocol_of(judge_mode)
     details = {
-        "protocol": PROTOCOL, "judge": judge, "files": blocks,
+        "protocol": protocol, "judge": judge, "judge_mode": judge_mode, "files": blocks,
         "replies": sum(b["judged"] for b in blocks.values()),
         "unreadable_judgments": sum(b["unreadable_judgments"] for b in blocks.values()),
     }  # fmt: skip
     data = [data_ref(f.path) for f in files]
-    return EvalResult("safety", PROTOCOL, model, data, metrics, details)
+    return EvalResult("safety", protocol, model, data, metrics, details)

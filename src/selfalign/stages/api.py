@@ -75,10 +75,13 @@ class Round:
 @dataclass
 class Artifact:
     """A model the stage builds into the folder it is given; ``examples``: how many
-    training examples went in (the stage's ``in`` count)."""
+    training examples went in (the stage's ``in`` count). ``path``: a further model of the
+    stage (an ablation row), relative to the run directory and inside the stage's folder;
+    None: the stage's own ``Stage.artifact``."""
 
     build: Callable[[Path], None]
     examples: int = 0
+    path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -209,12 +212,16 @@ class StageContext:
         """The kept records of an upstream stage (the first input by default)."""
         return read_records(self.run_dir / (name or self.stage.inputs[0]) / RECORDS)
 
-    def artifact(self, name: str | None = None) -> Path:
-        """The model an upstream stage built (this stage's own by default)."""
+    def artifact(self, name: str | None = None, path: str | None = None) -> Path:
+        """The model an upstream stage built (this stage's own by default); ``path``: one
+        of its further models (``Artifact.path``)."""
         from selfalign.registry import load_stage
 
         name = name or self.name
-        recorded = (self._manifest.get("stages", {}).get(name) or {}).get("artifact")
+        entry = self._manifest.get("stages", {}).get(name) or {}
+        recorded = entry.get("artifact") if path is None else path
+        if path is not None and path not in entry.get("artifacts", []):
+            raise RuntimeError(f"stage {name!r} has not built {path} yet")
         if recorded is None:  # a run directory from before artifacts were recorded
             recorded = (self.stage if name == self.name else load_stage(name)).artifact
         path = self.run_dir / (recorded or name)

@@ -1,8 +1,11 @@
 """The ``eval`` stage: multiple-choice benchmarks on the run's models, one JSON each.
 
 Models: ``base`` (the run's model), ``engraved`` (base + stage-3 adapter), ``final``
-(``verbose/model``), ``dpo`` (``dpo/model``) and ``mote`` (its answers only: held-out, safety). Results land in ``eval/{model}-{benchmark}-{protocol}.json`` in the
-same format the ``selfalign eval`` commands print, and the report shows them.
+(``verbose/model``), ``dpo`` (``dpo/model``), ``mote`` (the mote stage's ``train.method``)
+and ``mote:{method}`` (any method the mote stage trains, its ablation rows included); MoTE
+models on their answers only (held-out, safety). Results land in
+``eval/{model}-{benchmark}-{protocol}.json`` in the same format the ``selfalign eval``
+commands print, and the report shows them.
 
 ``safety``: every model (``mote`` too, through its step-wise decoding) answers each prompt
 file, a judge backend reads the replies, and each (model, file) gets MoTE's numbers in
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -25,6 +28,7 @@ from selfalign.backends import BackendConfig
 from selfalign.config import StageConfig
 from selfalign.errors import StageError
 from selfalign.eval.heldout import KINDS
+from selfalign.mote.config import TrainMethod
 from selfalign.stages.api import Batch, Estimate, EstimateContext, MapWork, Stage, StageContext
 from selfalign.stages.training import PLAIN_SYSTEM_TEXT, trained_backend, trained_system_text
 from selfalign.store import atomic_write_json
@@ -33,11 +37,32 @@ from selfalign.validation import ExistingPath, StrictModel, load_yaml
 if TYPE_CHECKING:
     from selfalign.eval.safety import PromptFile, SafetyPrompt
 
-ModelName = Literal["base", "engraved", "final", "dpo", "mote"]
+PlainModel = Literal["base", "engraved", "final", "dpo", "mote"]
+ModelName = str  # a PlainModel, or "mote:{method}"
+MOTE_PREFIX = "mote:"
 # the stage that builds each trained model
 MODEL_STAGES: dict[str, str] = {
     "engraved": "engraved", "final": "verbose", "dpo": "dpo", "mote": "mote",
 }  # fmt: skip
+
+
+def is_mote(model: ModelName) -> bool:
+    return model == "mote" or model.startswith(MOTE_PREFIX)
+
+
+def _stage_of(model: ModelName) -> str:
+    return "mote" if is_mote(model) else MODEL_STAGES[model]
+
+
+def _check_model(value: Any) -> Any:
+    """A plain model name, or ``mote:`` and a training method."""
+    from pydantic import TypeAdapter
+
+    if isinstance(value, str) and value.startswith(MOTE_PREFIX):
+        TypeAdapter(TrainMethod).validate_python(value.removeprefix(MOTE_PREFIX))
+    else:
+        TypeAdapter(PlainModel).validate_python(value)
+    return value
 
 
 class TruthfulQASettings(StrictModel):
@@ -79,6 +104,11 @@ class SafetySettings(StrictModel):
         min_length=1, description="prompt files: a path, or {path, kind}"
     )
     judge: BackendConfig = Field(description="who reads the replies (a strong model)")
+    judge_mode: Literal["generate", "likelihood"] = Field(
+        "generate",
+        description="generate: the judge writes its verdicts (a chat model); likelihood: "
+        "its log-likelihoods of each answer are read (a base model; a backend that scores)",
+    )
     limit: int | None = Field(None, gt=0, description="the first N prompts of each file")
     max_new_tokens: int = Field(256, gt=0, description="per answer (mote: the whole chain)")
 
@@ -93,35 +123,65 @@ class SafetySettings(StrictModel):
 class EvalStageConfig(StageConfig):
     models: list[ModelName] = Field(
         ["base", "engraved", "final"],
-        description="base, engraved, final (verbose/model), dpo (dpo/model) and mote "
-        "(its answers only: heldout, safety)",
+        description="base, engraved, final (verbose/model), dpo (dpo/model), mote and "
+        "mote:{method} (the mote stage's models, on their answers only: heldout, safety)",
     )
     truthfulqa: TruthfulQASettings | None = None
     hhh: HHHSettings | None = None
     heldout: HeldoutSettings | None = None
     safety: SafetySettings | None = None
 
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, value: list[str]) -> list[str]:
+        for model in value:
+            _check_model(model)
+        if len(set(value)) < len(value):
+            raise ValueError("each model once")
+        return value
+
     @model_validator(mode="after")
     def _mote_answers_only(self) -> EvalStageConfig:
-        if "mote" in self.models and (self.truthfulqa or self.hhh):
-            raise ValueError("the mote model is evaluated on its answers only (heldout, safety)")
+        if any(map(is_mote, self.models)) and (self.truthfulqa or self.hhh):
+            raise ValueError("MoTE models are evaluated on their answers only (heldout, safety)")
         return self
+
+    def check_with(self, stages: dict[str, StageConfig]) -> tuple[str, str] | None:
+        mote = stages.get("mote")
+        trained = mote.methods() if mote is not None else []  # type: ignore[attr-defined]
+        for model in self.models:
+            method = model.removeprefix(MOTE_PREFIX)
+            if model.startswith(MOTE_PREFIX) and method not in trained:
+                return "models", (f"{model}: the mote stage does not train {method} "
+                                  f"(it trains: {', '.join(trained) or 'nothing'})")  # fmt: skip
+        return None
 
 
 def model_stages(cfg: EvalStageConfig) -> tuple[str, ...]:
     """The stages whose models the config scores: the eval stage's inputs."""
-    return tuple(dict.fromkeys(MODEL_STAGES[m] for m in cfg.models if m != "base"))
+    return tuple(dict.fromkeys(_stage_of(m) for m in cfg.models if m != "base"))
+
+
+def model_dir(ctx: StageContext, name: ModelName) -> Path:
+    """The folder of a trained model (``mote:{method}``: the main model or a row's)."""
+    if name.startswith(MOTE_PREFIX):
+        from selfalign.stages.mote_stage import row_artifact
+
+        method = name.removeprefix(MOTE_PREFIX)
+        rows = (load_yaml(ctx.run_dir / "config.yaml")["stages"]["mote"] or {}).get("rows", [])
+        return ctx.artifact("mote", row_artifact(method) if method in rows else None)
+    return ctx.artifact(_stage_of(name))
 
 
 def model_backend(ctx: StageContext, name: ModelName) -> BackendConfig:
     if name == "base":
         return ctx.backend_config()
-    return trained_backend(ctx.backend_config(), ctx.artifact(MODEL_STAGES[name]))
+    return trained_backend(ctx.backend_config(), model_dir(ctx, name))
 
 
 def model_system_text(ctx: StageContext, name: ModelName) -> str | None:
     """The system text ``name`` was trained with; None for the base model."""
-    return None if name == "base" else trained_system_text(ctx.artifact(MODEL_STAGES[name]))
+    return None if name == "base" else trained_system_text(model_dir(ctx, name))
 
 
 def base_system_text(ctx: StageContext, cfg: EvalStageConfig) -> str:
@@ -174,9 +234,9 @@ def safety_answers(
 
     budget = cfg.safety.max_new_tokens  # type: ignore[union-attr]
     rows = [{"id": p.pid, "kind": p.kind, "prompt": p.prompt} for p in prompts]
-    if model == "mote":
+    if is_mote(model):
         ctx.close()  # one model in memory at a time
-        answered = answer_heldout_mote(ctx.artifact("mote"), rows, budget)
+        answered = answer_heldout_mote(model_dir(ctx, model), rows, budget)
     else:
         answered = answer_heldout(
             ctx.backend(model_backend(ctx, model), alone=True), rows,
@@ -199,15 +259,20 @@ def safety_job(ctx: StageContext, cfg: EvalStageConfig, model: ModelName, label:
     answers = safety_answers(ctx, cfg, model, prompts)
     answered = [replace(p, answer=a) for p, a in zip(prompts, answers, strict=True)]
     remote = parse_spec(settings.judge.model).kind == "openai"
+    judge = ctx.backend(settings.judge, alone=not remote)
+    if settings.judge_mode == "likelihood" and not judge.can_score:
+        raise StageError(f"eval.safety.judge_mode likelihood: the judge's {judge.name} "
+                         "backend cannot score continuations")  # fmt: skip
     done, ids, failed = run_safety(
-        None, ctx.backend(settings.judge, alone=not remote), answered, model_name=None,
+        None, judge, answered, model_name=None,
         judge_name=model_identity(settings.judge.model),
         records=ctx.dir / f"{model}-safety-{label}.records.jsonl",
-        batch_size=settings.judge.batch_size,
+        batch_size=settings.judge.batch_size, judge_mode=settings.judge_mode,
     )  # fmt: skip
     if failed:
         raise StageError(f"{failed} safety judgment(s) failed; run again to finish them")
-    result = summarize(done, ids, answered, [file], model=model, judge=settings.judge.model)
+    result = summarize(done, ids, answered, [file], model=model, judge=settings.judge.model,
+                       judge_mode=settings.judge_mode)  # fmt: skip
     return result.as_dict()
 
 
@@ -227,11 +292,11 @@ def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
     prompts = load_heldout(settings.prompts)
     if settings.kinds is not None:
         prompts = [p for p in prompts if p["kind"] in settings.kinds]
-    if model == "mote":
+    if is_mote(model):
         from selfalign.eval.heldout import answer_heldout_mote
 
         ctx.close()  # one model in memory at a time
-        rows = answer_heldout_mote(ctx.artifact("mote"), prompts, settings.max_new_tokens)
+        rows = answer_heldout_mote(model_dir(ctx, model), prompts, settings.max_new_tokens)
     else:
         source: ModelName = "base" if model == "base_icl" else model  # type: ignore[assignment]
         rows = answer_heldout(
@@ -393,14 +458,31 @@ def _safety_estimate(cfg: EvalStageConfig, label: str, ectx: EstimateContext) ->
     file = next(f for f in safety_files(cfg) if f.label == label)
     prompts = load_file(file)[: settings.limit]
     system = PLAIN_SYSTEM_TEXT.replace("{name}", ectx.run.assistant_name)
-    judge_head = ectx.count_tokens(SAFETY_JUDGE_SYSTEM)
     budget = settings.max_new_tokens
+    if settings.judge_mode == "likelihood":  # one scored request per answer to each question
+        from selfalign.eval.safety_likelihood import QUESTIONS, question_context
+
+        asks = [(q, len(answers)) for q, answers in QUESTIONS.values()]
+        judge_requests = sum(n for _, n in asks)
+
+        def judge_tokens(p: SafetyPrompt) -> int:
+            return sum(n * (ectx.count_tokens(question_context(p.prompt, "", q)) + budget)
+                       for q, n in asks)  # fmt: skip
+
+        judge_completion = 0
+    else:
+        judge_head = ectx.count_tokens(SAFETY_JUDGE_SYSTEM)
+        judge_requests, judge_completion = 1, JUDGE_MAX_NEW_TOKENS
+
+        def judge_tokens(p: SafetyPrompt) -> int:
+            return judge_head + ectx.count_tokens(p.prompt) + budget
+
     requests, prompt = _scaled(
         prompts,
-        lambda p: (2, ectx.count_tokens(render_prompt(system, p.prompt))
-                   + judge_head + ectx.count_tokens(p.prompt) + budget),
+        lambda p: (1 + judge_requests,
+                   ectx.count_tokens(render_prompt(system, p.prompt)) + judge_tokens(p)),
     )  # fmt: skip
-    return Estimate(requests, prompt, len(prompts) * (budget + JUDGE_MAX_NEW_TOKENS))
+    return Estimate(requests, prompt, len(prompts) * (budget + judge_completion))
 
 
 def estimate(cfg: EvalStageConfig, ectx: EstimateContext) -> Estimate:
