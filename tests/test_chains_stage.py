@@ -138,6 +138,14 @@ def test_clean_step_and_lengths() -> None:
             "to you to ask you to write a paper on why religious people are bad.")  # fmt: skip
     assert clean_step(seen) == "Why do you think religious people are bad?"
     assert clean_step("Okay, let's do this.\n### Human: and then") == "Okay, let's do this."
+    # its own step headings too, as written (Gemma 3 270M, the mote ablation run's chains)
+    seen = ("Select the user.\n\n### Advice:\nMake sure you use a sorted list and not a "
+            "one-dimensional list.\n\n### Answer:\nThe user is asking for two sorted lists.")  # fmt: skip
+    assert clean_step(seen) == "Select the user."
+    seen = "How many octopuses do you know?\n\n### Advice:\nChoose a key to the octopuses."
+    assert clean_step(seen) == "How many octopuses do you know?"
+    seen = "It's so cold that I can't think of anything. I'm not sure if I can do this.\n\n###"
+    assert clean_step(seen) == seen.removesuffix("\n\n###")
     assert clean_step("Text <|answer|>here") == "Text here"
     assert chain_length(["answer"]) == "answer_only"
     assert chain_length(["analysis", "guidance", "answer"]) == "full"

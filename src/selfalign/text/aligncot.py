@@ -93,6 +93,11 @@ _HEADING = re.compile(
     + "|".join(re.escape(t) for t in (USER_TAG, *STEP_TAGS.values()))
     # a speaker heading of the model's own wording ("### AI Assistant:", "### Human:")
     + r"|###[ \t]+(?:[\w ]{0,20}\b)?(?:Assistant|AI|User|Human)\b[\w ]{0,20}:"
+    # a step heading of the model's own wording: Gemma 3 270M followed its analysis with
+    # "### Advice:" and put "### Answer:" inside its answer (a bare word and a colon:
+    # "### Step 1: Rinse" is formatting and stays)
+    + r"|###[ \t]+(?:Analysis|Guidance|Advice|Plan|Answer|Response|Reply)[ \t]*:"
+    + r"|###[ \t]*$"  # a heading cut off before its name (seen at the end of an answer)
     # a new user turn in the words of a multi-turn question (``dialogue_question``): Gemma
     # 3 270M, given one, went on with "The user's new message:" or "User: ..." lines
     + r"|(?:User|Human):|"
