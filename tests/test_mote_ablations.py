@@ -83,6 +83,21 @@ def test_balance_loss_is_one_when_balanced_and_higher_when_one_expert_takes_all(
     assert router.take_aux()["balance"].item() > 2.5  # 3 x (share 1 x probability ~1)
 
 
+def test_aux_losses_leave_padding_out(tiny_model: Path) -> None:
+    """Whatever the padding tokens are, the balance and contrastive losses of a padded
+    batch are the same: only the tokens the attention mask keeps count."""
+    model, _ = gated(tiny_model, contrastive_weight=0.1)
+    router = mote_state(model).router
+    ids = torch.tensor([[5, 9, 13, 17, 21, 25], [6, 10, 14, 0, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    losses = []
+    for pad in (0, 40):
+        model(input_ids=torch.where(mask > 0, ids, pad), attention_mask=mask)
+        losses.append({k: v.item() for k, v in router.take_aux().items()})
+    assert set(losses[0]) == {"balance", "contrastive"}
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+
+
 def test_contrastive_loss_is_low_when_experts_see_tokens_apart(tiny_model: Path) -> None:
     """The supervised contrastive loss over the experts' lora_A views: identical experts
     score high, experts whose views fill disjoint rank coordinates much lower."""

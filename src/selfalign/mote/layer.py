@@ -57,6 +57,7 @@ class Router:
     force_step: int | None = None  # set: a prefill routes every token to this step
     gate_top_k: int | None = None  # set: a learned gate routes (the gated ablation rows)
     contrastive: bool = False  # gated layers also leave the expert-contrastive loss
+    token_mask: torch.Tensor | None = None  # gated: flat mask of real (not padding) tokens
     aux_losses: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     generator: torch.Generator = field(init=False, repr=False)
 
@@ -164,7 +165,10 @@ class MoteLinear(LoraLinear):
             weight = (top_p * chosen).sum(-1).index_select(0, rows).unsqueeze(-1)
             out = self._expert(name, flat_x.index_select(0, rows))
             delta = delta.index_add(0, rows, (out * weight).to(delta.dtype))
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled():  # the aux losses, over real tokens (padding left out)
+            keep = router.token_mask
+            if keep is not None and keep.numel() == flat_x.shape[0]:
+                probs, top_i, flat_x = probs[keep], top_i[keep], flat_x[keep]
             share = F.one_hot(top_i, len(STEPS)).float().sum(1).mean(0) / router.gate_top_k
             router.add_aux("balance", len(STEPS) * (share * probs.mean(0)).sum())
             if router.contrastive:

@@ -189,6 +189,8 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     step_ids = kwargs.pop("step_ids", None)
     question_expert = kwargs.pop("question_expert", None)
     if router.gate_top_k is not None:  # the gate routes; step ids are not needed
+        mask = kwargs.get("attention_mask")  # its aux losses count real tokens only
+        router.token_mask = mask.reshape(-1) > 0 if mask is not None and mask.dim() == 2 else None
         return args, kwargs
     if step_ids is None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
