@@ -6,12 +6,14 @@ directory ``load_mote`` reads; ``train.method`` picks MoTE or a baseline: mote,
 mote_no_shared, mote_no_skip, mote_no_both, lora, expanded, vanilla_moe, mixlora). It
 resumes from its checkpoints when ``train.save_strategy`` writes them; once built, the
 runner records the model and a resumed stage goes straight to the answers.
+``launch: {num_processes, accelerate_config}`` trains under ``accelerate launch``
+(``python -m selfalign.mote.train_entry``) as DDP, as the SFT stages do; an accelerate
+config for FSDP or DeepSpeed ZeRO-3 is refused at the start.
 
 ``rows``: the paper's ablation table in one stage. Each listed method is trained with the
-same recipe on the same chains into ``mote/rows/{method}`` and answers the same
-questions; the eval stage scores it as the model ``mote:{method}``. ``launch: {num_processes, accelerate_config}``
-trains under ``accelerate launch`` (``python -m selfalign.mote.train_entry``) as DDP, as the
-SFT stages do; an accelerate config for FSDP or DeepSpeed ZeRO-3 is refused at the start.
+same recipe and seed on the same chains into ``mote/rows/{method}`` (the manifest lists
+them under ``artifacts``) and answers the same questions; the eval stage scores it as the
+model ``mote:{method}``. A killed stage resumes at the method it was on.
 
 Answers (``mote/records.jsonl``): ``answer.questions`` (a query file, same formats as the
 chains stage) or, without one, the first ``answer.limit`` chain questions, which the
