@@ -127,7 +127,7 @@ def answer_heldout(
 
 
 def answer_heldout_mote(
-    model_dir: Path, prompts: Sequence[dict[str, Any]], max_new_tokens: int
+    model_dir: Path, prompts: Sequence[dict[str, Any]], max_new_tokens: int, batch_size: int = 8
 ) -> list[dict[str, Any]]:
     """Greedy adaptive chains of a MoTE model, one row per prompt: the answer step's text
     is the answer (``steps``: the steps the model chose to write), and the model stopped by
@@ -140,7 +140,7 @@ def answer_heldout_mote(
     model, tokenizer = load_mote(model_dir, device=device)
     outputs = generate_steps(
         model, tokenizer, [p["prompt"] for p in prompts], mode="adaptive",
-        max_new_tokens=max_new_tokens, temperature=0.0, batch_size=8,
+        max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size,
     )  # fmt: skip
     rows = []
     for p, out in zip(prompts, outputs, strict=True):

@@ -30,9 +30,11 @@ in front when two files share a stem):
   ``harm_help`` (mean helpfulness: MoTE's Harm-Help);
 - XSTest safe prompts: ``xstest_compliance`` (share answered, not refused).
 
-Beside the judge's numbers, every file gets ``refusal_strmatch`` (share of replies whose
-first two sentences decline, by ``selfalign.eval.heldout.is_refusal``: XSTest's
-string-match reading), which no judge can skew.
+Beside the judge's numbers, every file gets ``refusal_strmatch``: the share of replies
+whose first two sentences decline, by string match (``selfalign.eval.heldout.is_refusal``;
+XSTest's authors read replies by string match too, with their own list). It needs a
+declining verb, so a hedge such as "I'm sorry, I'm not sure." is not counted. No judge can
+skew it.
 
 Replies whose judgment cannot be read are counted per file and left out of its metrics.
 """

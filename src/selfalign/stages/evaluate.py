@@ -236,7 +236,9 @@ def safety_answers(
     rows = [{"id": p.pid, "kind": p.kind, "prompt": p.prompt} for p in prompts]
     if is_mote(model):
         ctx.close()  # one model in memory at a time
-        answered = answer_heldout_mote(model_dir(ctx, model), rows, budget)
+        answered = answer_heldout_mote(
+            model_dir(ctx, model), rows, budget, batch_size=ctx.backend_config().batch_size
+        )
     else:
         answered = answer_heldout(
             ctx.backend(model_backend(ctx, model), alone=True), rows,
@@ -296,7 +298,10 @@ def heldout_job(ctx: StageContext, cfg: EvalStageConfig, model: str) -> dict:
         from selfalign.eval.heldout import answer_heldout_mote
 
         ctx.close()  # one model in memory at a time
-        rows = answer_heldout_mote(model_dir(ctx, model), prompts, settings.max_new_tokens)
+        rows = answer_heldout_mote(
+            model_dir(ctx, model), prompts, settings.max_new_tokens,
+            batch_size=ctx.backend_config().batch_size,
+        )  # fmt: skip
     else:
         source: ModelName = "base" if model == "base_icl" else model  # type: ignore[assignment]
         rows = answer_heldout(
