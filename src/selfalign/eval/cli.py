@@ -360,15 +360,7 @@ def safety(
                     judge_mode=judge_mode,
                 )  # fmt: skip
     shown = model or " + ".join(str(p) for p in answers or [])
-    result = summarize(
-        done,
-        ids,
-        items,
-        files,
-        model=shown,
-        judge=judge,
-        judge_mode=judge_mode,  # type: ignore[arg-type]
-    )
+    result = summarize(done, ids, items, files, model=shown, judge=judge, judge_mode=judge_mode)
     _finish(result, out, run_dir, failed)
 
 

@@ -363,8 +363,7 @@ def run_safety(
             if not scorer:
                 scorer.append(LikelihoodJudge(judge))
             return list(scorer[0].judge(pairs))
-        params = judge_params
-        asks = [GenerationRequest(prompt="", params=params, messages=judge_messages(*pair))
+        asks = [GenerationRequest(prompt="", params=judge_params, messages=judge_messages(*pair))
                 for pair in pairs]  # fmt: skip
         return [
             None if v.error is not None or v.finish_reason == "error"
