@@ -17,7 +17,7 @@ from selfalign.config import load_run_config
 from selfalign.mote import is_mote_dir, load_mote
 from selfalign.mote.chat import history_question, mote_reply
 from selfalign.mote.train import METRICS_FILE
-from selfalign.report import write_report
+from selfalign.report import safety_table, write_report
 from selfalign.store import JsonlWriter
 from selfalign.tiny import PACKAGE_DIR
 
@@ -317,7 +317,7 @@ def test_rows_train_every_method_and_the_eval_stage_scores_each(demo_run, tmp_pa
     mote["rows"] = ["lora", "mote_no_both"]
     mote["answer"].update(limit=2)
     config["stages"]["eval"] = {
-        "models": ["mote", "mote:lora", "mote:mote_no_both"],
+        "models": ["mote", "mote:mote_no_both", "mote:lora"],  # not in file-name order
         "safety": {"prompts": [str(prompts)], "max_new_tokens": 16, "judge_mode": "likelihood",
                    "judge": {"model": config["model"], "dtype": "float32"}},
     }  # fmt: skip
@@ -365,8 +365,8 @@ def test_rows_train_every_method_and_the_eval_stage_scores_each(demo_run, tmp_pa
         assert [r["reply"] for r in kept] == [(want[0].answer or "").strip()]
     page = write_report(copy).read_text()
     assert "Safety: Help / Harm / Harm-Help / XSTest" in page
-    for model in ("mote", "mote:lora", "mote:mote_no_both"):
-        assert f"<td>{model}</td>" in page
+    _, table = safety_table(copy)
+    assert [row[0] for row in table] == ["mote", "mote:mote_no_both", "mote:lora"]
 
     # killed before its last row was built: a rerun trains that row only
     manifest = json.loads((copy / "manifest.json").read_text())

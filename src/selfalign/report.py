@@ -18,7 +18,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfalign.cost import Cost, format_money, run_costs, total_cost  # noqa: E402
+from selfalign.errors import InputError  # noqa: E402
 from selfalign.store import atomic_write_text, read_manifest, read_records  # noqa: E402
+from selfalign.validation import load_yaml  # noqa: E402
 
 PLOTS_DIR = "report_files"
 
@@ -141,9 +143,20 @@ SAFETY_ORDER = ("help", "over_refusal_rate", "harm", "harm_help", "xstest_compli
                 "refusal_strmatch")  # fmt: skip
 
 
+def _eval_models(run_dir: Path) -> list[str]:
+    """The eval stage's ``models`` as the run's config lists them ([] when unreadable)."""
+    try:
+        config = load_yaml(run_dir / "config.yaml")
+        models = config["stages"]["eval"]["models"]
+    except (InputError, KeyError, TypeError):
+        return []
+    return [str(m) for m in models] if isinstance(models, list) else []
+
+
 def safety_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
-    """MoTE's table: one row per model (``mote:{method}`` rows included), one column per
-    (metric, prompt file), as the safety results give them; the judge and protocol last."""
+    """MoTE's table: one row per model (``mote:{method}`` rows included) in the config's
+    order, one column per (metric, prompt file), as the safety results give them; the
+    judge and protocol last."""
     by_model: dict[str, dict[str, Any]] = {}
     judges: dict[str, str] = {}
     for path in sorted((run_dir / "eval").glob("*-safety-*.json")):
@@ -160,10 +173,12 @@ def safety_table(run_dir: Path) -> tuple[list[str], list[list[Any]]]:
     columns = sorted({c for cells in by_model.values() for c in cells},
                      key=lambda c: (SAFETY_ORDER.index(c.split("/")[0])
                                     if c.split("/")[0] in SAFETY_ORDER else 99, c))  # fmt: skip
+    order = _eval_models(run_dir)
+    models = sorted(by_model, key=lambda m: (order.index(m) if m in order else len(order), m))
     rows = [
-        [model, *(f"{cells[c][0]:.2f} (n={cells[c][1]})" if c in cells else "" for c in columns),
-         judges[model]]
-        for model, cells in by_model.items()
+        [model, *(f"{by_model[model][c][0]:.2f} (n={by_model[model][c][1]})"
+                  if c in by_model[model] else "" for c in columns), judges[model]]
+        for model in models
     ]  # fmt: skip
     return ["model", *columns, "judge (protocol)"], rows
 
