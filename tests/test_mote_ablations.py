@@ -20,9 +20,9 @@ from selfalign.mote import (
     mote_state,
     train_mote,
 )
-from selfalign.mote.data import prompt_ids
+from selfalign.mote.data import StepCollator, prompt_ids
 from selfalign.mote.layer import CONTRASTIVE_TEMPERATURE
-from test_mote import CHAINS, fresh_mote, randomize_experts
+from test_mote import CHAINS, fresh_mote, packed, randomize_experts
 
 COMMON = dict(max_steps=2, batch_size=2, learning_rate=1e-2, warmup=0, progress=False,
               device="cpu", logging_steps=1)  # fmt: skip
@@ -85,17 +85,24 @@ def test_balance_loss_is_one_when_balanced_and_higher_when_one_expert_takes_all(
 
 def test_aux_losses_leave_padding_out(tiny_model: Path) -> None:
     """Whatever the padding tokens are, the balance and contrastive losses of a padded
-    batch are the same: only the tokens the attention mask keeps count."""
-    model, _ = gated(tiny_model, contrastive_weight=0.1)
+    batch are the same: only real tokens count, both for a batch as training collates it
+    (4D mask, ``token_mask``) and for a plain 2D attention mask."""
+    model, tokenizer = gated(tiny_model, contrastive_weight=0.1)
     router = mote_state(model).router
+    examples = [packed(tokenizer, model, c) for c in CHAINS]
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # the batch is padded
     ids = torch.tensor([[5, 9, 13, 17, 21, 25], [6, 10, 14, 0, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    losses = []
-    for pad in (0, 40):
-        model(input_ids=torch.where(mask > 0, ids, pad), attention_mask=mask)
-        losses.append({k: v.item() for k, v in router.take_aux().items()})
-    assert set(losses[0]) == {"balance", "contrastive"}
-    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    for batch_of in (
+        lambda pad: StepCollator(pad, with_step_ids=False, with_token_mask=True)(examples),
+        lambda pad: {"input_ids": torch.where(mask > 0, ids, pad), "attention_mask": mask},
+    ):
+        losses = []
+        for pad in (0, 40):
+            model(**{k: v for k, v in batch_of(pad).items() if k != "labels"})
+            losses.append({k: v.item() for k, v in router.take_aux().items()})
+        assert set(losses[0]) == {"balance", "contrastive"}
+        assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_contrastive_loss_is_low_when_experts_see_tokens_apart(tiny_model: Path) -> None:

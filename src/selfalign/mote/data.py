@@ -258,7 +258,9 @@ class StepCollator:
     later step hides (step skipping with probability ``skip_prob``, for skippable
     examples) and the expert for its question tokens. They depend only on (seed, epoch,
     example index), so a resumed run repeats them exactly; the trainer sets ``epoch``.
-    ``with_step_ids=False`` drops the routing (plain LoRA).
+    ``with_step_ids=False`` drops the routing (plain LoRA, the gated rows);
+    ``with_token_mask`` passes which tokens are real (``token_mask``: the gated rows'
+    auxiliary losses leave padding out, which the 4D mask cannot tell them).
     """
 
     def __init__(
@@ -268,6 +270,7 @@ class StepCollator:
         skip_prob: float = 0.0,
         seed: int = 0,
         with_step_ids: bool = True,
+        with_token_mask: bool = False,
         mask_dtype: torch.dtype = torch.float32,
     ) -> None:
         self.pad_token_id = pad_token_id
@@ -275,6 +278,7 @@ class StepCollator:
         self.seed = seed
         self.epoch = 0
         self.with_step_ids = with_step_ids
+        self.with_token_mask = with_token_mask
         self.mask_dtype = mask_dtype
 
     def draws(self, index: int, steps: Sequence[str] = ()) -> Draws:
@@ -305,4 +309,6 @@ class StepCollator:
         if self.with_step_ids:
             batch["step_ids"] = step_ids
             batch["question_expert"] = torch.tensor([d.question_expert for d in draws])
+        if self.with_token_mask:
+            batch["token_mask"] = valid.bool()
         return batch

@@ -177,7 +177,8 @@ def build_mote(
 
 def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Set the routing for this forward pass from ``step_ids=`` or the delimiters
-    (and ``question_expert=``, one expert index per sequence, if given).
+    (and ``question_expert=``, one expert index per sequence, if given; ``token_mask=``,
+    the real tokens, for a gated model's auxiliary losses).
 
     With a non-empty KV cache (incremental decoding) the new tokens continue the step
     each row was in, so a start token emitted by the model switches experts for itself
@@ -188,9 +189,14 @@ def _route_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple
     router.aux_losses = {}  # (an activation-checkpointing recomputation leaves some behind)
     step_ids = kwargs.pop("step_ids", None)
     question_expert = kwargs.pop("question_expert", None)
+    token_mask = kwargs.pop("token_mask", None)
     if router.gate_top_k is not None:  # the gate routes; step ids are not needed
-        mask = kwargs.get("attention_mask")  # its aux losses count real tokens only
-        router.token_mask = mask.reshape(-1) > 0 if mask is not None and mask.dim() == 2 else None
+        # its aux losses count real tokens only: the collator's token_mask (training passes
+        # a 4D mask, which does not say which rows are padding), else a 2D attention mask
+        mask = kwargs.get("attention_mask")
+        if token_mask is None and mask is not None and mask.dim() == 2:
+            token_mask = mask > 0
+        router.token_mask = token_mask.reshape(-1) if token_mask is not None else None
         return args, kwargs
     if step_ids is None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)

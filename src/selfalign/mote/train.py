@@ -284,6 +284,7 @@ def train_mote(
         skip_prob=config.skip_prob,
         seed=config.seed,
         with_step_ids=config.method not in ("lora", *GATED),
+        with_token_mask=config.method in GATED,
         mask_dtype=dtype,
     )
     checkpoints = out / "checkpoints"
