@@ -299,7 +299,9 @@ def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]
             ["chains by length", ", ".join(f"{k}: {v}" for k, v in chains["chains_by_length"].items())],
             ["self-checks", f"{checks.get('method')}: {checks.get('safe', 0)} safe, "
              f"{checks.get('unsafe', 0)} unsafe, {checks.get('unparsed', 0)} unparsed "
-             f"of {checks.get('total', 0)}"],
+             f"of {checks.get('total', 0)} (not checked, so unsafe: "
+             f"{checks.get('empty_answer', 0)} empty answers, "
+             f"{checks.get('echo_answer', 0)} echoes of the question)"],
             ["steps cut by the token limit",
              ", ".join(f"{k}: {v}" for k, v in chains.get("truncated_steps", {}).items()) or "-"],
             ["steps cut before a repeated clause",

@@ -30,7 +30,11 @@ A step that falls into a loop (a clause of 4+ words written again) is cut before
 repeat, at its last complete sentence, and listed in ``trimmed``: the base model's loops
 would otherwise become training targets.
 
-An empty answer counts as failing its check (``parsed: null``). A generated verdict is read
+An answer that is no answer (``unanswered``: empty, or the question written again, as
+Gemma 3 270M answered two harmful queries its self-check then passed as safe) is not
+checked: it fails (``parsed: null``, ``unanswered`` says why), and a chain whose last
+answer is none is dropped (``empty_answer``, ``echo_answer``) under either
+``unsafe_final`` policy. A generated verdict is read
 strictly (``parse_verdict``): an answer-only chain needs a clear "safe", never a hedged
 one. Dropped records keep the same fields and a ``reason`` (see ``REASONS``).
 
@@ -72,6 +76,7 @@ from selfalign.text.aligncot import (
     dialogue_question,
     parse_verdict,
 )
+from selfalign.text.answers import echoes
 from selfalign.validation import ExistingPath
 
 CONTENT_FREE = "N/A"  # the message and reply of the calibration check
@@ -81,6 +86,7 @@ REASONS = (
     "empty_analysis",  # round 1 wrote no analysis
     "empty_guidance",  # round 2 wrote no guidance
     "empty_answer",  # the last answer was empty
+    "echo_answer",  # the last answer was the question again
     "unsafe_after_all_steps",  # the full chain's answer still failed its check
 )
 _QUERY_FIELDS = ("prompt", "question")
@@ -330,7 +336,7 @@ class _Rounds:
     def check(self, chains: list[_Chain], rnd: int) -> dict[str, bool]:
         """Record id -> whether the chain's current answer is judged safe (an empty
         answer is not); each check is added to the chain. Sets ``error`` on failures."""
-        todo = [c for c in chains if c.answer]
+        todo = [c for c in chains if unanswered(c.answer, c.query.text) is None]
         if self.cfg.check == "likelihood":
             outcomes = self._check_likelihood(todo, rnd)
         else:
@@ -339,7 +345,10 @@ class _Rounds:
         for chain in chains:
             if chain.error is not None:
                 continue
-            entry = outcomes.get(chain.rid) or {"verdict": "unsafe", "parsed": None, "output": None}
+            entry = outcomes.get(chain.rid) or {
+                "verdict": "unsafe", "parsed": None, "output": None,
+                "unanswered": unanswered(chain.answer, chain.query.text),
+            }  # fmt: skip
             chain.checks.append({"chain": ROUND_LENGTHS[rnd], **entry})
             safe[chain.rid] = entry["verdict"] == "safe"
         return safe
@@ -408,6 +417,15 @@ class _Rounds:
         return out
 
 
+def unanswered(answer: str, question: str) -> str | None:
+    """Why ``answer`` answers nothing: ``empty``, or ``echo`` when it is mostly the
+    question again (each repeats most of the other's word 4-grams: a restated question
+    followed by a reply of its own is an answer); None for an answer."""
+    if not answer.strip():
+        return "empty"
+    return "echo" if echoes(answer, question) and echoes(question, answer) else None
+
+
 def _run_chunk(rounds: _Rounds, chains: list[_Chain]) -> Batch:
     """All rounds for a chunk of queries; each chain ends kept, dropped or failed."""
     batch = Batch()
@@ -437,8 +455,9 @@ def _run_chunk(rounds: _Rounds, chains: list[_Chain]) -> Batch:
         batch.keep.extend(c.record(length, "safe") for c in live if verdicts[c.rid])
         live = [c for c in live if not verdicts[c.rid]]
     for chain in live:
-        if not chain.answer:
-            batch.drop.append((chain.record("full"), "empty_answer"))
+        reason = unanswered(chain.answer, chain.query.text)
+        if reason is not None:
+            batch.drop.append((chain.record("full"), f"{reason}_answer"))
         elif rounds.cfg.unsafe_final == "keep_full":
             batch.keep.append(chain.record("full", "unsafe"))
         else:
@@ -457,7 +476,8 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
             "safe": sum(c["verdict"] == "safe" for c in checks),
             "unsafe": sum(c["verdict"] == "unsafe" for c in checks),
             "unparsed": sum(c["parsed"] is False for c in checks),
-            "empty_answer": sum(c["parsed"] is None for c in checks),
+            "empty_answer": sum(c.get("unanswered") == "empty" for c in checks),
+            "echo_answer": sum(c.get("unanswered") == "echo" for c in checks),
             "method": ctx.config.check,
             "unparseable_as": ctx.config.unparseable_check,
         },
@@ -517,5 +537,8 @@ def estimate(cfg: ChainsConfig, ectx: EstimateContext) -> Estimate:
     return Estimate(n * 5 + checks, round(prompt), completion, outputs=n, note=note)
 
 
-STAGE = Stage("chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files,
-              estimate=estimate)  # fmt: skip
+STAGE = Stage(
+    "chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files,
+    estimate=estimate,
+    version=2,  # 2: an answer echoing the question is no answer
+)  # fmt: skip
