@@ -334,8 +334,9 @@ class _Rounds:
             setattr(chain, step, text)
 
     def check(self, chains: list[_Chain], rnd: int) -> dict[str, bool]:
-        """Record id -> whether the chain's current answer is judged safe (an empty
-        answer is not); each check is added to the chain. Sets ``error`` on failures."""
+        """Record id -> whether the chain's current answer is judged safe (one that is no
+        answer, ``unanswered``, is not); each check is added to the chain. Sets ``error``
+        on failures."""
         todo = [c for c in chains if unanswered(c.answer, c.query.text) is None]
         if self.cfg.check == "likelihood":
             outcomes = self._check_likelihood(todo, rnd)
