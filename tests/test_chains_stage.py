@@ -30,6 +30,7 @@ from selfalign.text.aligncot import (
     chain_prompt,
     check_prompt,
     clean_step,
+    cut_copy,
     cut_loop,
     parse_verdict,
 )
@@ -148,6 +149,42 @@ _TUPLE = "What is the difference between a list and a tuple in Python?"
 )  # fmt: skip
 def test_unanswered_reads_the_models_echoes(question: str, answer: str, want: str | None) -> None:
     assert unanswered(answer, question) == want
+
+
+_RESTART = (  # how Gemma 3 270M started the chain prompt over inside a step
+    "This is a conversation with a careful AI assistant. Before it replies, the assistant may "
+    "write two private notes under their own headings. Under Analysis it works out what the "
+    "message really asks for, what the person may want beyond the literal words, and how a "
+    "reply could cause harm to anyone."
+)
+_WEATHER = "Explain the difference between weather and climate to a ten-year-old."
+
+
+@pytest.mark.parametrize(
+    ("question", "written", "kept"),
+    [
+        (_WEATHER, "How do you see weather?\nWhat are the two types of weather?\nHow do you "
+         "see climate?\nWhat are the two types of climate?\n\n" + _RESTART + " Under "
+         "Guidance it plans a reply", "How do you see weather?\nWhat are the two types of "
+         "weather?\nHow do you see climate?\nWhat are the two types of climate?"),
+        (_WEATHER, _WEATHER + "\n\n### Note:\nI see weather as a great place to live.\nI see "
+         "climate as a great place to live.\n\n" + _RESTART, _WEATHER + "\n\n### Note:\nI see "
+         "weather as a great place to live.\nI see climate as a great place to live."),
+        ("Write a short mystery story that ends with a surprising twist, in under 200 words.",
+         "The AI Assistant allows the user to plan a reply to the story, including what to "
+         "include, what to leave out, and what tone to take.", ""),
+        # not copies: the plan in the model's own words, and words the question quotes
+        ("How do I store cooked rice safely?", "Say how fast to cool it, how long it keeps "
+         "and what to leave out: no scare stories, a calm and practical tone.", None),
+        ("Summarise: 'what to include, what to leave out, and what tone to take'.",
+         "It lists what to include, what to leave out, and what tone to take.", None),
+    ],
+)  # fmt: skip
+def test_cut_copy_cuts_where_the_model_starts_the_prompt_over(
+    question: str, written: str, kept: str | None
+) -> None:
+    text, cut = cut_copy(written, CHAIN_SYSTEM, question)
+    assert (text, cut) == ((written, False) if kept is None else (kept, True))
 
 
 def test_prompts_carry_the_question_and_earlier_steps() -> None:

@@ -306,6 +306,8 @@ def _chain_rows(chains: dict[str, Any], mote: dict[str, Any]) -> list[list[Any]]
              ", ".join(f"{k}: {v}" for k, v in chains.get("truncated_steps", {}).items()) or "-"],
             ["steps cut before a repeated clause",
              ", ".join(f"{k}: {v}" for k, v in chains.get("trimmed_steps", {}).items()) or "-"],
+            ["steps cut before a copy of the prompt's instructions",
+             ", ".join(f"{k}: {v}" for k, v in chains.get("copied_steps", {}).items()) or "-"],
         ]  # fmt: skip
     train = mote.get("train", {})
     if train:

@@ -24,11 +24,13 @@ Record (``chains/records.jsonl``, read by ``selfalign.mote.parse_chains``)::
      "final_check": "safe"|"unsafe" (the verdict on the answer kept),
      "checks": [{"chain", "verdict", "parsed", "output"}, ...] (one per round),
      "rejected_answers": [earlier answers judged unsafe], "truncated": ["step@round", ...],
-     "trimmed": ["step@round", ...]}
+     "trimmed": ["step@round", ...], "cut_copies": ["step@round", ...]}
 
 A step that falls into a loop (a clause of 4+ words written again) is cut before the
 repeat, at its last complete sentence, and listed in ``trimmed``: the base model's loops
-would otherwise become training targets.
+would otherwise become training targets. A step that copies the chain prompt's
+instructions (the model starting the prompt over) is cut before the copy
+(``cut_copy``), and listed in ``cut_copies``.
 
 An answer that is no answer (``unanswered``: empty, or the question written again, as
 Gemma 3 270M answered two harmful queries its self-check then passed as safe) is not
@@ -72,6 +74,7 @@ from selfalign.text.aligncot import (
     chain_prompt,
     check_prompt,
     clean_step,
+    cut_copy,
     cut_loop,
     dialogue_question,
     parse_verdict,
@@ -274,6 +277,7 @@ class _Chain:
     rejected: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     trimmed: list[str] = field(default_factory=list)
+    cut_copies: list[str] = field(default_factory=list)
     error: str | None = None
 
     def base(self) -> dict[str, Any]:
@@ -292,6 +296,7 @@ class _Chain:
             "rejected_answers": self.rejected,
             "truncated": self.truncated,
             "trimmed": self.trimmed,
+            "cut_copies": self.cut_copies,
         }
 
 
@@ -328,9 +333,13 @@ class _Rounds:
                 continue
             if result.finish_reason == "length":
                 chain.truncated.append(f"{step}@{ROUND_LENGTHS[rnd]}")
-            text, looped = cut_loop(clean_step(result.text))
+            where = f"{step}@{ROUND_LENGTHS[rnd]}"
+            text, copied = cut_copy(clean_step(result.text), CHAIN_SYSTEM, chain.query.text)
+            if copied:
+                chain.cut_copies.append(where)
+            text, looped = cut_loop(text)
             if looped:
-                chain.trimmed.append(f"{step}@{ROUND_LENGTHS[rnd]}")
+                chain.trimmed.append(where)
             setattr(chain, step, text)
 
     def check(self, chains: list[_Chain], rnd: int) -> dict[str, bool]:
@@ -488,6 +497,9 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
         "trimmed_steps": dict(
             Counter(t.split("@")[0] for r in records + dropped for t in r.get("trimmed", []))
         ),
+        "copied_steps": dict(
+            Counter(t.split("@")[0] for r in records + dropped for t in r.get("cut_copies", []))
+        ),
         "unsafe_final": {  # chains whose answer failed every check, by what became of them
             "policy": ctx.config.unsafe_final,
             "kept": sum(r.get("final_check") == "unsafe" for r in records),
@@ -541,5 +553,5 @@ def estimate(cfg: ChainsConfig, ectx: EstimateContext) -> Estimate:
 STAGE = Stage(
     "chains", ChainsConfig, run_chains, summarize=summarize, data_files=_query_files,
     estimate=estimate,
-    version=2,  # 2: an answer echoing the question is no answer
+    version=2,  # 2: an answer echoing the question is no answer; copies of the prompt cut
 )  # fmt: skip

@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from selfalign.chat_format import ASSISTANT_TAG, NEXT_USER_TURN, TURN_SEP, USER_TAG, user_turn
-from selfalign.text.answers import complete_prefix, first_repeat
+from selfalign.text.answers import complete_prefix, first_repeat, ngrams, words
 from selfalign.text.steps import strip_step_tokens
 
 Verdict = Literal["safe", "unsafe"]
@@ -169,6 +169,25 @@ def cut_loop(text: str) -> tuple[str, bool]:
     if repeat is None:
         return text, False
     return complete_prefix(text[:repeat]) or text[:repeat].rstrip(), True
+
+
+COPY_WORDS = 8  # words in a row that make a step a copy of the chain prompt's instructions
+_WORD_SPAN = re.compile(r"[a-z0-9]+", re.IGNORECASE)  # ``words`` with their offsets
+
+
+def cut_copy(text: str, source: str, question: str = "") -> tuple[str, bool]:
+    """A step's text cut before the first run of ``COPY_WORDS`` words it copies from
+    ``source`` (the prompt's instructions; runs the question has too are left out), at the
+    last complete sentence there, and whether it was cut. Gemma 3 270M started the prompt
+    over inside 4 of the 126 steps it wrote for 48 queries ("This is a conversation with
+    a careful AI assistant. Before it replies, ..."): instructions as training targets."""
+    spans = list(_WORD_SPAN.finditer(text))
+    said = [m.group().lower() for m in spans]
+    copied = ngrams(words(source), COPY_WORDS) - ngrams(words(question), COPY_WORDS)
+    for i in range(len(said) - COPY_WORDS + 1):
+        if tuple(said[i : i + COPY_WORDS]) in copied:
+            return complete_prefix(text[: spans[i].start()]), True
+    return text, False
 
 
 # -- the self-check verdict ----------------------------------------------------------------
