@@ -346,7 +346,8 @@ class _Rounds:
         """Record id -> whether the chain's current answer is judged safe (one that is no
         answer, ``unanswered``, is not); each check is added to the chain. Sets ``error``
         on failures."""
-        todo = [c for c in chains if unanswered(c.answer, c.query.text) is None]
+        reasons = {c.rid: unanswered(c.answer, c.query.text) for c in chains}
+        todo = [c for c in chains if reasons[c.rid] is None]
         if self.cfg.check == "likelihood":
             outcomes = self._check_likelihood(todo, rnd)
         else:
@@ -357,7 +358,7 @@ class _Rounds:
                 continue
             entry = outcomes.get(chain.rid) or {
                 "verdict": "unsafe", "parsed": None, "output": None,
-                "unanswered": unanswered(chain.answer, chain.query.text),
+                "unanswered": reasons[chain.rid],
             }  # fmt: skip
             chain.checks.append({"chain": ROUND_LENGTHS[rnd], **entry})
             safe[chain.rid] = entry["verdict"] == "safe"
@@ -475,6 +476,11 @@ def _run_chunk(rounds: _Rounds, chains: list[_Chain]) -> Batch:
     return batch
 
 
+def _steps_listed(records: list[dict], key: str) -> dict[str, int]:
+    """How many ``step@round`` entries the records list under ``key``, per step."""
+    return dict(Counter(t.split("@")[0] for r in records for t in r.get(key, [])))
+
+
 def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> dict[str, Any]:
     """Chains by length, drops by reason, and how the self-checks went."""
     checks = [c for r in records + dropped for c in r.get("checks", [])]
@@ -491,15 +497,9 @@ def summarize(records: list[dict], dropped: list[dict], ctx: StageContext) -> di
             "method": ctx.config.check,
             "unparseable_as": ctx.config.unparseable_check,
         },
-        "truncated_steps": dict(
-            Counter(t.split("@")[0] for r in records + dropped for t in r.get("truncated", []))
-        ),
-        "trimmed_steps": dict(
-            Counter(t.split("@")[0] for r in records + dropped for t in r.get("trimmed", []))
-        ),
-        "copied_steps": dict(
-            Counter(t.split("@")[0] for r in records + dropped for t in r.get("cut_copies", []))
-        ),
+        "truncated_steps": _steps_listed(records + dropped, "truncated"),
+        "trimmed_steps": _steps_listed(records + dropped, "trimmed"),
+        "copied_steps": _steps_listed(records + dropped, "cut_copies"),
         "unsafe_final": {  # chains whose answer failed every check, by what became of them
             "policy": ctx.config.unsafe_final,
             "kept": sum(r.get("final_check") == "unsafe" for r in records),
